@@ -1,0 +1,56 @@
+"""Key/value cache for the sampler: keys and values of positions that need not be recomputed.
+
+One object serves both caches of the design:
+- exact prefix cache: with prefix-DLM attention the image + prompt keys/values never depend on the
+  answer, so they are computed once per request (`fill_cache` on the prefix) and every step only
+  runs the canvas (`start = prefix_len`);
+- block cache (Fast-dLLM DualCache) for fully bidirectional models: keys/values of the whole
+  sequence are refreshed at each block start and, within the block, only the block is recomputed
+  while the cached prefix and suffix stand in for the rest (approximate: they are a block stale).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class KVCache:
+    """Per-layer keys and values [B, H_kv, T, d] for absolute positions 0..T-1."""
+
+    def __init__(self) -> None:
+        self.keys: list[torch.Tensor | None] = []
+        self.values: list[torch.Tensor | None] = []
+
+    @property
+    def length(self) -> int:
+        return 0 if not self.keys or self.keys[0] is None else self.keys[0].shape[2]
+
+    def splice(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor, start: int, store: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return the keys/values every query sees: cached ones with [start, start+L) replaced by k, v.
+
+        With `store`, the result also becomes the cache of this layer.
+        """
+        while len(self.keys) <= layer:
+            self.keys.append(None)
+            self.values.append(None)
+        old_k, old_v = self.keys[layer], self.values[layer]
+        if old_k is not None:
+            end = start + k.shape[2]
+            if start > old_k.shape[2]:
+                raise ValueError(f"cache holds {old_k.shape[2]} positions, cannot continue at {start}")
+            k = torch.cat([old_k[:, :, :start], k, old_k[:, :, end:]], dim=2)
+            v = torch.cat([old_v[:, :, :start], v, old_v[:, :, end:]], dim=2)
+        elif start != 0:
+            raise ValueError(f"empty cache cannot serve queries starting at position {start}")
+        if store:
+            self.keys[layer], self.values[layer] = k, v
+        return k, v
+
+    def select(self, rows: torch.Tensor) -> KVCache:
+        """Return a cache holding only the given batch rows (for rows that finished early)."""
+        out = KVCache()
+        out.keys = [k[rows] for k in self.keys]
+        out.values = [v[rows] for v in self.values]
+        return out

@@ -1,0 +1,93 @@
+"""The masked-diffusion objective (LLaDA, eq. 3; SFT convention of its section 2.3).
+
+Per sequence draw t ~ U(eps, 1], replace each maskable token by the mask token with probability
+t, and score the model's prediction of the masked tokens with cross-entropy weighted by 1/t. The
+sum is divided by the number of maskable tokens of the sequence (SFT: the answer length), which
+makes the loss an unbiased estimate of the per-token negative ELBO bound. Prompt, image and
+padding tokens are never masked and never scored.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class DiffusionLoss:
+    loss: torch.Tensor  # scalar: mean over sequences of per_sequence
+    t: torch.Tensor  # [B] masking ratio of each sequence (first mask when complementary)
+    per_sequence: torch.Tensor  # [B] weighted, normalised loss of each sequence (detached)
+    num_masked: int  # masked tokens scored in this batch
+
+
+def sample_masks(
+    maskable: torch.Tensor, eps: float, complementary: bool, generator: torch.Generator | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return (masks [k, B, L] bool, t [k, B]); k = 2 with complementary masking.
+
+    Complementary masking (LaViDa) pairs each mask with its complement over the maskable tokens,
+    so every maskable token is scored exactly once per pair; the second mask's ratio is 1 - t.
+    """
+    B, L = maskable.shape
+    t = eps + (1 - eps) * torch.rand(B, device=maskable.device, generator=generator)  # [B] in (eps, 1]
+    u = torch.rand(B, L, device=maskable.device, generator=generator)
+    first = (u < t[:, None]) & maskable
+    if not complementary:
+        return first[None], t[None]
+    second = ~first & maskable
+    t2 = (1 - t).clamp_min(eps)
+    return torch.stack([first, second]), torch.stack([t, t2])
+
+
+def masked_diffusion_loss(
+    logits_fn: Callable[[torch.Tensor], torch.Tensor],
+    input_ids: torch.Tensor,
+    maskable: torch.Tensor,
+    mask_id: int,
+    *,
+    eps: float = 1e-3,
+    complementary: bool = False,
+    generator: torch.Generator | None = None,
+) -> DiffusionLoss:
+    """Return the 1/t-weighted masked cross-entropy of `logits_fn` on a freshly masked batch.
+
+    logits_fn maps noisy ids [k*B, L] (rows stacked mask by mask) to logits [k*B, L, V].
+    """
+    B = input_ids.shape[0]
+    masks, t = sample_masks(maskable, eps, complementary, generator)  # [k, B, L], [k, B]
+    k = masks.shape[0]
+    masks, t = masks.reshape(k * B, -1), t.reshape(k * B)
+    targets = input_ids.repeat(k, 1)  # [k*B, L]
+    noisy = torch.where(masks, mask_id, targets)
+    logits = logits_fn(noisy)  # [k*B, L, V]
+    token_loss = F.cross_entropy(logits[masks].float(), targets[masks], reduction="none")  # [M]
+    row = torch.nonzero(masks, as_tuple=True)[0]
+    per_row = torch.zeros(k * B, device=logits.device).index_add(0, row, token_loss / t[row])
+    # Rows without maskable tokens contribute 0 (clamp avoids 0/0), never NaN.
+    num_maskable = maskable.sum(1).repeat(k).clamp_min(1)
+    per_row = per_row / num_maskable
+    # Each mask of a complementary pair is an unbiased estimate on its own; average the pair.
+    per_sequence = per_row.view(k, B).mean(0)
+    return DiffusionLoss(
+        loss=per_sequence.mean(),
+        t=t.view(k, B)[0],
+        per_sequence=per_sequence.detach(),
+        num_masked=int(masks.sum()),
+    )
+
+
+def next_token_loss(logits: torch.Tensor, input_ids: torch.Tensor, maskable: torch.Tensor) -> torch.Tensor:
+    """Return the autoregressive twin's loss: mean cross-entropy of token i+1 from position i.
+
+    Only targets that are maskable (answers in SFT, text in pretraining) are scored, so the two
+    objectives learn from the same tokens.
+    """
+    targets = input_ids[:, 1:]
+    scored = maskable[:, 1:]
+    if not scored.any():
+        return logits.sum() * 0.0
+    return F.cross_entropy(logits[:, :-1][scored].float(), targets[scored])

@@ -1,0 +1,119 @@
+"""The LM: config validation, attention modes, KV cache, checkpointing, save/load."""
+
+import pytest
+import torch
+
+from mmdlm.cache import KVCache
+from mmdlm.model import DiffusionLM, DLMConfig
+
+
+def tiny(**kw) -> DiffusionLM:
+    torch.manual_seed(0)
+    cfg = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, mask_token_id=63)
+    cfg.update(kw)
+    return DiffusionLM(DLMConfig(**cfg)).eval()
+
+
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        (dict(hidden_size=30), "hidden_size=30 is not divisible by num_attention_heads=4"),
+        (dict(num_key_value_heads=3), "num_attention_heads=4 is not divisible by num_key_value_heads=3"),
+        (dict(attention="sideways"), "attention='sideways'"),
+        (dict(mask_token_id=64), "mask_token_id=64 is outside vocab_size=64"),
+    ],
+)
+def test_inconsistent_config_names_the_problem(kw, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        tiny(**kw)
+
+
+def test_bidirectional_attention_sees_the_future_and_causal_does_not():
+    ids = torch.randint(0, 60, (1, 10))
+    changed = ids.clone()
+    changed[0, -1] = (changed[0, -1] + 1) % 60
+    for attention, first_changes in [("bidirectional", True), ("causal", False)]:
+        model = tiny(attention=attention)
+        with torch.no_grad():
+            diff = (model(ids)[0, 0] - model(changed)[0, 0]).abs().max()
+        assert (diff > 0) == first_changes, attention
+
+
+def test_prefix_dlm_prefix_logits_ignore_the_answer():
+    model = tiny()
+    ids = torch.randint(0, 60, (2, 12))
+    other = ids.clone()
+    other[:, 7:] = torch.randint(0, 60, (2, 5))
+    with torch.no_grad():
+        a, b = model(ids, prefix_len=7), model(other, prefix_len=7)
+    assert torch.equal(a[:, :7], b[:, :7])
+    assert not torch.equal(a[:, 7:], b[:, 7:])
+
+
+def test_padding_keys_are_never_attended():
+    model = tiny()
+    ids = torch.randint(0, 60, (1, 8))
+    padded = torch.cat([torch.randint(0, 60, (1, 3)), ids], dim=1)  # 3 junk tokens in front
+    mask = torch.tensor([[False] * 3 + [True] * 8])
+    positions = torch.arange(-3, 8)[None].clamp_min(0)
+    with torch.no_grad():
+        plain = model(ids)
+        left_padded = model(padded, attention_mask=mask, position_ids=positions)
+    torch.testing.assert_close(left_padded[:, 3:], plain, atol=1e-5, rtol=0)
+
+
+def test_prefix_cache_equals_full_forward():
+    model = tiny()
+    ids = torch.randint(0, 60, (2, 12))
+    with torch.no_grad():
+        full = model(ids, prefix_len=7)
+        cache = KVCache()
+        model(ids[:, :7], cache=cache, fill_cache=True)
+        assert cache.length == 7
+        tail = model(ids[:, 7:], cache=cache, start=7)
+    torch.testing.assert_close(tail, full[:, 7:], atol=1e-5, rtol=0)
+    assert cache.length == 7  # reading does not grow the cache
+
+
+def test_block_cache_with_fresh_keys_equals_full_forward():
+    model = tiny()
+    ids = torch.randint(0, 60, (1, 12))
+    with torch.no_grad():
+        full = model(ids)
+        cache = KVCache()
+        model(ids, cache=cache, fill_cache=True)
+        block = model(ids[:, 4:8], cache=cache, start=4)
+    torch.testing.assert_close(block, full[:, 4:8], atol=1e-5, rtol=0)
+
+
+def test_cache_gap_is_an_error():
+    model = tiny()
+    cache = KVCache()
+    with torch.no_grad():
+        model(torch.zeros(1, 3, dtype=torch.long), cache=cache, fill_cache=True)
+        with pytest.raises(ValueError, match="cannot continue at 5"):
+            model(torch.zeros(1, 2, dtype=torch.long), cache=cache, start=5)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    ids = torch.randint(0, 60, (2, 8))
+    grads = []
+    for ckpt in (False, True):
+        model = tiny().train()
+        if ckpt:
+            model.set_activation_checkpointing()
+        model(ids).logsumexp(-1).mean().backward()
+        grads.append(model.layers[0].attn.q_proj.weight.grad.clone())
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=0)
+
+
+def test_save_load_round_trip_is_exact(tmp_path):
+    model = tiny(tie_word_embeddings=True)
+    assert model.lm_head.weight.data_ptr() == model.embed_tokens.weight.data_ptr()
+    model.save_pretrained(tmp_path)
+    loaded = DiffusionLM.from_pretrained(tmp_path).eval()
+    ids = torch.randint(0, 60, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(model(ids), loaded(ids))
+    assert loaded.config.num_key_value_heads == 2 and loaded.config.tie_word_embeddings
