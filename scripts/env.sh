@@ -11,8 +11,11 @@ if [ ! -x "$venv/bin/python" ]; then
     "${PYTHON:-python3}" -m venv "$venv"
 fi
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-    "$venv/bin/python" -m pip install -q --upgrade pip
-    "$venv/bin/python" -m pip install -q -e "$root[dev,lora,eval]"
+    # pip's notes about this machine's local package mirrors are noise to a user: filter them.
+    if ! "$venv/bin/python" -m pip install -q -e "$root[dev,lora,eval]" 2>&1 | { grep -v "ignored: it is neither" || true; }; then
+        echo "[env] pip install failed (see above)" >&2
+        exit 1
+    fi
     echo "$want" > "$stamp"
 fi
 # shellcheck disable=SC1091
