@@ -1,0 +1,188 @@
+"""The collator: plain samples in, the batch contract out.
+
+    input_ids      [B, L] long   every image expanded to a run of `num_image_tokens` <image> ids
+    pixel_values   [N, 3, H, W]  the kept images in order of appearance over the batch ([0, 3, H, W] if none)
+    attention_mask [B, L] bool   False on padding
+    maskable       [B, L] bool   where the diffusion may mask: answers (SFT), all text (pretraining)
+    prompt_length  [B] long      index of the first maskable token
+
+A conversation sample ({"images", "conversations"}) is encoded with LLaDA's chat template, a
+document ({"segments"}) as BOS + text and image runs + EOS. `mode` decides the padding: "sft" pads
+with EOS that is attended and maskable (LLaDA's SFT: the model learns to end its answer with EOS
+runs), "pretrain" pads with the pad id, unattended and never masked.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+from transformers import PreTrainedTokenizerFast
+
+from mmdlm.data.errors import DataError, DataWarning
+from mmdlm.data.template import ChatEncoder, expand_image_runs
+
+
+@dataclass
+class Encoded:
+    ids: list[int]
+    maskable: list[bool]
+    num_images: int  # images whose runs survived truncation (the first ones of the sample)
+    clean_end: bool  # False when truncation cut text: then EOS padding must not teach "the answer ends here"
+
+
+class Collator:
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerFast,
+        image_transform: Callable[[Image.Image], torch.Tensor],
+        num_image_tokens: int,
+        max_length: int,
+        mode: str = "sft",
+        pad_to_multiple_of: int | None = None,
+        empty_image_size: int = 64,
+    ):
+        if mode not in ("sft", "pretrain"):
+            raise ValueError(f"mode must be 'sft' or 'pretrain', got {mode!r}")
+        self.chat = ChatEncoder(tokenizer)
+        self.special = self.chat.special
+        self.image_transform = image_transform
+        self.num_image_tokens = num_image_tokens
+        self.max_length = max_length
+        self.mode = mode
+        self.pad_to_multiple_of = pad_to_multiple_of
+        self.empty_image_size = empty_image_size
+        self.skipped = 0  # samples dropped from batches (None, or too long to keep a target)
+        self._empty_shape: tuple[int, ...] | None = None
+
+    # ------------------------------------------------------------------------------------ encoding
+    def _cut(self, ids: list[int], n: int) -> int:
+        """Return the largest cut <= n that does not split an image run."""
+        image = self.special.image
+        while 0 < n < len(ids) and ids[n] == image and ids[n - 1] == image:
+            n -= 1
+        return n
+
+    def encode_conversation(self, conversations: list[dict]) -> Encoded:
+        """Return the conversation's ids and answer flags, dropping whole trailing turn pairs to fit max_length."""
+        conv = self.chat.encode_conversation(conversations)
+        if not conv.turn_ends:
+            raise DataError("conversation has no answer turn")
+        ids, flags, start, clean = [], [], 0, True
+        for end in conv.turn_ends:  # one chunk = the turns up to and including one answer
+            chunk = expand_image_runs(conv.ids[start:end], self.special.image, self.num_image_tokens)
+            chunk_flags = [False] * (len(chunk) - (end - start)) + conv.is_answer[start:end]
+            start = end
+            if len(ids) + len(chunk) <= self.max_length:
+                ids, flags = ids + chunk, flags + chunk_flags
+                continue
+            if not ids:  # even the first question and answer do not fit: keep the prompt and cut the answer
+                prompt = chunk_flags.index(True)
+                cut = self._cut(chunk, self.max_length)
+                if cut <= prompt:
+                    raise DataError(
+                        f"the prompt with its image run(s) is {prompt} tokens, leaving no room for an answer "
+                        f"within max_length={self.max_length}; raise max_length or shorten the question"
+                    )
+                ids, flags, clean = chunk[:cut], chunk_flags[:cut], False
+            break
+        return Encoded(ids, flags, ids.count(self.special.image) // self.num_image_tokens, clean)
+
+    def encode_segments(self, segments: list[dict]) -> Encoded:
+        """Return a document's ids (BOS, text, image runs, EOS) with all text maskable, cut to fit max_length."""
+        s = self.special
+        ids, flags, images, clean = [s.bos], [False], 0, True
+        pieces = []
+        for segment in segments:
+            if "image" in segment:
+                pieces.append(([s.image] * self.num_image_tokens, False))
+                continue
+            text = self.chat.text_ids(segment["text"])
+            if s.image in text:
+                raise DataError("a text segment contains '<image>'; images are separate segments")
+            pieces.append((text, True))
+        pieces.append(([s.eos], True))
+        for piece, is_text in pieces:
+            room = self.max_length - len(ids)
+            if len(piece) > room:  # text may be cut; an image run never is
+                if is_text and room > 0:
+                    ids, flags = ids + piece[:room], flags + [True] * room
+                clean = False
+                break
+            ids, flags = ids + piece, flags + [is_text] * len(piece)
+            images += not is_text
+        if not any(flags):
+            raise DataError(f"no text fits within max_length={self.max_length} after the first image run")
+        return Encoded(ids, flags, images, clean)
+
+    def encode(self, sample: dict) -> tuple[Encoded, list[Image.Image]]:
+        """Return the encoding of one sample and the images it keeps, in order."""
+        if "conversations" in sample:
+            encoded = self.encode_conversation(sample["conversations"])
+            images = list(sample.get("images", []))
+        elif "segments" in sample:
+            encoded = self.encode_segments(sample["segments"])
+            images = [segment["image"] for segment in sample["segments"] if "image" in segment]
+        else:
+            raise DataError(f"sample has neither 'conversations' nor 'segments' (keys {sorted(sample)})")
+        if encoded.num_images > len(images):
+            raise DataError(f"{encoded.num_images} image run(s) in the text but {len(images)} image(s) given")
+        return encoded, images[: encoded.num_images]
+
+    # ------------------------------------------------------------------------------------ batching
+    def _pixels(self, images: list[Image.Image]) -> torch.Tensor:
+        """Return [N, 3, H, W]; [0, 3, H, W] with the transform's H, W when there is no image."""
+        tensors = [self.image_transform(image if image.mode == "RGB" else image.convert("RGB")) for image in images]
+        for tensor in tensors:
+            if tensor.dim() != 3 or tensor.shape[0] != 3:
+                raise DataError(f"image_transform must return [3, H, W], got {tuple(tensor.shape)}")
+        if tensors:
+            return torch.stack(tensors).float()
+        if self._empty_shape is None:
+            blank = Image.new("RGB", (self.empty_image_size, self.empty_image_size))
+            self._empty_shape = tuple(self.image_transform(blank).shape)
+        return torch.zeros((0, *self._empty_shape))
+
+    def __call__(self, samples: list[dict | None]) -> dict[str, torch.Tensor]:
+        encoded, images = [], []
+        for sample in samples:
+            if sample is None:  # a dataset with on_error="skip" already warned
+                self.skipped += 1
+                continue
+            try:
+                item, kept = self.encode(sample)
+            except DataError as error:
+                self.skipped += 1
+                warnings.warn(f"sample id={sample.get('id', '?')} skipped: {error}", DataWarning, 2)
+                continue
+            encoded.append(item)
+            images += kept
+        if not encoded:
+            raise DataError(f"all {len(samples)} samples of the batch were skipped (see the warnings above)")
+        length = max(len(e.ids) for e in encoded)
+        if self.pad_to_multiple_of:
+            length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        sft = self.mode == "sft"
+        pad = self.special.eos if sft else self.special.pad
+        batch = len(encoded)
+        input_ids = torch.full((batch, length), pad, dtype=torch.long)  # [B, L]
+        attention_mask = torch.zeros((batch, length), dtype=torch.bool)  # [B, L]
+        maskable = torch.zeros((batch, length), dtype=torch.bool)  # [B, L]
+        prompt_length = torch.zeros(batch, dtype=torch.long)  # [B]
+        for row, item in enumerate(encoded):
+            n = len(item.ids)
+            input_ids[row, :n] = torch.tensor(item.ids, dtype=torch.long)
+            maskable[row, :n] = torch.tensor(item.maskable, dtype=torch.bool)
+            attention_mask[row, : length if sft else n] = True
+            maskable[row, n:] = sft and item.clean_end
+            prompt_length[row] = item.maskable.index(True)
+        return {
+            "input_ids": input_ids,
+            "pixel_values": self._pixels(images),
+            "attention_mask": attention_mask,
+            "maskable": maskable,
+            "prompt_length": prompt_length,
+        }

@@ -1,0 +1,123 @@
+"""LLaVA JSON conversation sets, the format users bring for VQA fine-tuning, as a map-style Dataset.
+
+    [{"id": ..., "image": "a.jpg" | ["a.jpg", "b.jpg"] | absent,
+      "conversations": [{"from": "human", "value": "<image>\\nQuestion"}, {"from": "gpt", "value": "Answer"}, ...]}]
+
+Entries are checked when the file is loaded (structure, answers, placeholders, image files exist);
+images are decoded when a sample is read. Every problem names the file, the entry id and the path.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+from PIL import Image
+from torch.utils.data import Dataset
+
+from mmdlm.data.errors import DataError, DataWarning
+from mmdlm.data.template import conversation_problems, place_image_tokens
+
+
+def read_json_list(json_path: Path) -> list:
+    """Return the top-level list of a LLaVA JSON file; DataError naming the line for malformed JSON."""
+    try:
+        data = json.loads(json_path.read_text(encoding="utf-8"))
+    except FileNotFoundError as error:
+        raise DataError(f"{json_path}: file not found") from error
+    except UnicodeDecodeError as error:
+        raise DataError(f"{json_path}: not UTF-8 text ({error})") from error
+    except json.JSONDecodeError as error:
+        where = f"line {error.lineno} column {error.colno}"
+        raise DataError(f"{json_path}: malformed JSON at {where}: {error.msg}") from error
+    if not isinstance(data, list):
+        raise DataError(f"{json_path}: the top level must be a list of entries, got {type(data).__name__}")
+    return data
+
+
+def entry_name(json_path: Path, entry: object, index: int) -> str:
+    """Return how problems refer to an entry: `qa.json entry id=17`, or by position when it has no id."""
+    has_id = isinstance(entry, dict) and "id" in entry
+    return f"{json_path.name} entry id={entry['id']}" if has_id else f"{json_path.name} entry #{index} (no id)"
+
+
+def entry_images(entry: dict) -> list[str]:
+    """Return the entry's image paths: `image` as a string, a list of strings, or absent (text-only)."""
+    image = entry.get("image")
+    if image is None:
+        return []
+    if isinstance(image, str):
+        return [image]
+    if isinstance(image, list) and all(isinstance(p, str) for p in image):
+        return list(image)
+    raise DataError(f"'image' must be a path, a list of paths or absent, got {image!r}")
+
+
+def entry_problems(entry: object, image_folder: Path, check_files: bool = True) -> list[str]:
+    """Return what is wrong with one entry (empty when it can train)."""
+    if not isinstance(entry, dict):
+        return [f"must be a JSON object, got {type(entry).__name__}"]
+    try:
+        images = entry_images(entry)
+    except DataError as error:
+        return [str(error)]
+    problems = conversation_problems(entry.get("conversations"))
+    if not problems:
+        try:
+            place_image_tokens(entry["conversations"], len(images))
+        except DataError as error:
+            problems.append(str(error))
+    if check_files:
+        problems += [f"image '{p}' not found under {image_folder}" for p in images if not (image_folder / p).is_file()]
+    return problems
+
+
+class LlavaDataset(Dataset):
+    """Samples `{"id", "images": [PIL RGB], "conversations": [...]}` with '<image>' placeholders in place.
+
+    on_error="raise": a bad entry stops loading with a DataError naming it (the default, so a typo in a
+    custom set is seen at once); "skip": bad entries are dropped with one warning, and an image that
+    fails to decode makes `__getitem__` return None, which the Collator drops.
+    """
+
+    def __init__(self, json_path: str | Path, image_folder: str | Path | None = None, on_error: str = "raise"):
+        if on_error not in ("raise", "skip"):
+            raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+        self.json_path = Path(json_path)
+        self.image_folder = Path(image_folder) if image_folder is not None else self.json_path.parent
+        self.on_error = on_error
+        self.entries, bad = [], []
+        for index, entry in enumerate(read_json_list(self.json_path)):
+            problems = entry_problems(entry, self.image_folder)
+            if problems:
+                bad.append(f"{entry_name(self.json_path, entry, index)}: {problems[0]}")
+            else:
+                self.entries.append((index, entry))
+        if bad and on_error == "raise":
+            more = f" (and {len(bad) - 1} more; `mmdlm-data check {self.json_path}` lists them)" if len(bad) > 1 else ""
+            raise DataError(bad[0] + more)
+        if bad:
+            warnings.warn(f"{self.json_path}: skipped {len(bad)} bad entries, first: {bad[0]}", DataWarning, 2)
+        self.skipped = len(bad)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, index: int) -> dict | None:
+        position, entry = self.entries[index]
+        paths = entry_images(entry)
+        images = []
+        for path in paths:
+            try:
+                with Image.open(self.image_folder / path) as image:
+                    images.append(image.convert("RGB"))
+            except (OSError, ValueError) as error:  # PIL raises UnidentifiedImageError (an OSError) for bad bytes
+                message = f"{entry_name(self.json_path, entry, position)}: image '{path}' unreadable ({error})"
+                if self.on_error == "raise":
+                    raise DataError(message) from error
+                warnings.warn(message + "; sample skipped", DataWarning, 2)
+                return None
+        sample_id = str(entry.get("id", position))
+        conversations = place_image_tokens(entry["conversations"], len(paths))
+        return {"id": sample_id, "images": images, "conversations": conversations}
