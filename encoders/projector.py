@@ -1,0 +1,53 @@
+"""Projector: vision features [N, T, C] -> LM-width tokens [N, T', D].
+
+`mlp2x_gelu` is LLaVA-1.5's (Linear-GELU-Linear); `linear` is LLaVA-1's. `pool: 2` averages
+2x2 neighbourhoods of the patch grid first (LaViDa's token compression: 4x fewer image tokens).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class ProjectorConfig:
+    type: str = "mlp2x_gelu"  # "mlp2x_gelu" | "linear"
+    pool: int = 1  # side of the average-pooling window over the patch grid (1 = none)
+
+
+class Projector(nn.Module):
+    def __init__(self, cfg: ProjectorConfig, vision_width: int, lm_width: int):
+        super().__init__()
+        if cfg.type == "mlp2x_gelu":
+            self.proj = nn.Sequential(nn.Linear(vision_width, lm_width), nn.GELU(), nn.Linear(lm_width, lm_width))
+        elif cfg.type == "linear":
+            self.proj = nn.Linear(vision_width, lm_width)
+        else:
+            raise ValueError(f"projector.type={cfg.type!r} must be 'mlp2x_gelu' or 'linear'")
+        if cfg.pool < 1:
+            raise ValueError(f"projector.pool={cfg.pool} must be >= 1")
+        self.pool = cfg.pool
+
+    def num_tokens(self, vision_tokens: int) -> int:
+        """Return how many tokens one image becomes."""
+        if self.pool == 1:
+            return vision_tokens
+        side = math.isqrt(vision_tokens)
+        if side * side != vision_tokens or side % self.pool:
+            raise ValueError(
+                f"projector.pool={self.pool} needs a square grid divisible by it, got {vision_tokens} tokens"
+            )
+        return (side // self.pool) ** 2
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        if self.pool > 1:
+            N, T, C = features.shape
+            side = math.isqrt(T)
+            grid = features.transpose(1, 2).reshape(N, C, side, side)  # [N, C, s, s]
+            features = F.avg_pool2d(grid, self.pool).flatten(2).transpose(1, 2)  # [N, T/p^2, C]
+        return self.proj(features)

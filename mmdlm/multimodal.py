@@ -1,0 +1,167 @@
+"""MMDLM = vision tower + projector + diffusion LM: images become unmasked prefix tokens.
+
+The collator writes each image as a run of `num_image_tokens` copies of the `<image>` id; `embed`
+replaces those embeddings, in row-major order, by the projected features of the images in order
+of appearance. Everything downstream (loss, sampler, cache) sees only embeddings and ids.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
+
+from mmdlm.cache import KVCache
+from mmdlm.config import from_dict, load_yaml
+from mmdlm.encoders.processor import image_transform
+from mmdlm.encoders.projector import Projector, ProjectorConfig
+from mmdlm.encoders.tower import VisionConfig, VisionTower
+from mmdlm.model import DiffusionLM, DLMConfig
+
+
+class MMDLMConfig(PretrainedConfig):
+    model_type = "mmdlm"
+
+    def __init__(self, vision: dict | None = None, projector: dict | None = None, lm: dict | None = None,
+                 image_token_id: int = 0, **kwargs):
+        self.vision = dict(vision or {})
+        self.projector = dict(projector or {})
+        self.lm = dict(lm or {})
+        self.image_token_id = image_token_id
+        super().__init__(**kwargs)
+
+
+class MMDLM(PreTrainedModel):
+    config_class = MMDLMConfig
+    base_model_prefix = "mmdlm"
+    supports_gradient_checkpointing = True
+
+    def __init__(self, config: MMDLMConfig, lm: DiffusionLM | None = None):
+        super().__init__(config)
+        self.vision = VisionTower(from_dict(VisionConfig, config.vision, "vision"))
+        self.lm = lm if lm is not None else DiffusionLM(DLMConfig(**config.lm))
+        projector = from_dict(ProjectorConfig, config.projector, "projector")
+        self.projector = Projector(projector, self.vision.hidden_size, self.lm.config.hidden_size)
+        self.num_image_tokens = self.projector.num_tokens(self.vision.num_tokens)
+
+    def _init_weights(self, module) -> None:  # each part initialises itself (timm, open_clip, DiffusionLM)
+        pass
+
+    def set_activation_checkpointing(self, enable: bool = True) -> None:
+        self.lm.set_activation_checkpointing(enable)
+
+    def image_transform(self):
+        """Return the tower's preprocessing: PIL image -> FloatTensor [3, H, W]."""
+        return image_transform(self.vision)
+
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Return projected image tokens [N, num_image_tokens, D] for pixel_values [N, 3, H, W]."""
+        return self.projector(self.vision(pixel_values))
+
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
+              image_features: torch.Tensor | None = None) -> torch.Tensor:
+        """Return inputs_embeds [B, L, D]: token embeddings with every `<image>` run replaced by image features."""
+        embeds = self.lm.get_input_embeddings()(input_ids)
+        is_image = input_ids == self.config.image_token_id  # [B, L]
+        if image_features is None and pixel_values is not None and pixel_values.shape[0] > 0:
+            image_features = self.encode_images(pixel_values)
+        n_images = 0 if image_features is None else image_features.shape[0]
+        n_tokens = int(is_image.sum())
+        if n_tokens != n_images * self.num_image_tokens:
+            runs = int((is_image & ~torch.nn.functional.pad(is_image, (1, 0))[:, :-1]).sum())
+            raise ValueError(
+                f"{n_tokens} <image> tokens in {runs} runs, but {n_images} images x {self.num_image_tokens} "
+                "tokens each: expand every <image> to num_image_tokens ids and pass one image per run"
+            )
+        if n_images == 0:
+            if self.training:
+                # Every rank must run the same modules each step (ZeRO-3 / DDP hang otherwise):
+                # a text-only batch still runs the tower, on a blank image, and adds 0 x its output.
+                blank = torch.zeros(1, 3, *self.vision.input_size, device=embeds.device)
+                embeds = embeds + 0.0 * self.encode_images(blank).sum()
+            return embeds
+        return embeds.masked_scatter(is_image[..., None], image_features.to(embeds.dtype))
+
+    def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, prefix_len: torch.Tensor | int | None = None,
+                image_features: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                cache: KVCache | None = None, start: int = 0, fill_cache: bool = False) -> torch.Tensor:
+        """Return logits [B, L, V]; see DiffusionLM.forward for masks, prefix-DLM and the cache."""
+        embeds = self.embed(input_ids, pixel_values, image_features)
+        return self.lm(inputs_embeds=embeds, attention_mask=attention_mask, prefix_len=prefix_len,
+                       position_ids=position_ids, cache=cache, start=start, fill_cache=fill_cache)
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, **_: Any) -> MMDLM:
+        """Return the model saved in `folder` by save_pretrained; builds the tower offline, then loads weights.
+
+        Overridden because the generic loader initialises on the meta device, which leaves the
+        non-persistent buffers of timm/open_clip towers empty.
+        """
+        folder = Path(folder)
+        weights = sorted(folder.glob("model*.safetensors"))
+        if not (folder / "config.json").is_file() or not weights:
+            raise FileNotFoundError(f"{folder}: not a model folder (needs config.json and model*.safetensors)")
+        config = MMDLMConfig.from_pretrained(folder)
+        config.vision["weights"] = None  # the folder's own weights replace the tower's original file
+        model = cls(config)
+        state: dict[str, torch.Tensor] = {}
+        for f in weights:
+            state.update(load_file(str(f)))
+        if model.lm.config.tie_word_embeddings:
+            state.setdefault("lm.lm_head.weight", state.get("lm.embed_tokens.weight"))
+        model.load_state_dict(state, strict=True)
+        return model.eval()
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    """configs/model/*.yaml: the three parts, and optional local weights for the LM."""
+
+    vision: VisionConfig = dataclasses.field(default_factory=VisionConfig)
+    projector: ProjectorConfig = dataclasses.field(default_factory=ProjectorConfig)
+    lm: dict[str, Any] = dataclasses.field(default_factory=dict)  # DLMConfig fields
+    lm_path: str | None = None  # a converted LLaDA folder (mmdlm-convert-llada) or any DiffusionLM folder
+
+
+def build_model(spec: str | Path | dict | ModelConfig, vocab_size: int | None = None,
+                image_token_id: int | None = None, mask_token_id: int | None = None) -> MMDLM:
+    """Return a new MMDLM from a model YAML (or its dict); tokenizer ids override the config's."""
+    if not isinstance(spec, ModelConfig):
+        spec = from_dict(ModelConfig, spec if isinstance(spec, dict) else load_yaml(spec), str(spec)[:80])
+    lm = None
+    if spec.lm_path:
+        if not (Path(spec.lm_path) / "config.json").is_file():
+            raise FileNotFoundError(f"lm_path={spec.lm_path!r} is not a model folder: convert LLaDA first "
+                                    "(mmdlm-convert-llada SRC DST) and set lm_path to DST")
+        lm = DiffusionLM.from_pretrained(spec.lm_path)
+        lm_cfg = lm.config.to_dict()
+    else:
+        lm_cfg = dict(spec.lm)
+        if vocab_size is not None:
+            lm_cfg["vocab_size"] = vocab_size
+        if mask_token_id is not None:
+            lm_cfg["mask_token_id"] = mask_token_id
+    lm_cfg = {k: v for k, v in lm_cfg.items() if k in DLMConfig().to_dict() or k == "num_key_value_heads"}
+    config = MMDLMConfig(
+        vision=dataclasses.asdict(spec.vision), projector=dataclasses.asdict(spec.projector), lm=lm_cfg,
+        image_token_id=image_token_id if image_token_id is not None else lm_cfg.get("vocab_size", 1) - 1,
+    )
+    return MMDLM(config, lm=lm)
+
+
+def describe(model: MMDLM) -> str:
+    """Return a one-line summary: parameters per part and image tokens."""
+    def count(m):
+        return sum(p.numel() for p in m.parameters())
+    return json.dumps({"vision": count(model.vision), "projector": count(model.projector), "lm": count(model.lm),
+                       "image_tokens": model.num_image_tokens})
+
+
+AutoConfig.register(MMDLMConfig.model_type, MMDLMConfig)
+AutoModel.register(MMDLMConfig, MMDLM)
