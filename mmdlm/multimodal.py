@@ -52,6 +52,13 @@ class MMDLM(PreTrainedModel):
     def _init_weights(self, module) -> None:  # each part initialises itself (timm, open_clip, DiffusionLM)
         pass
 
+    def train(self, mode: bool = True) -> MMDLM:
+        super().train(mode)
+        if not any(p.requires_grad for p in self.vision.parameters()):
+            # A frozen tower must stay frozen whole: BatchNorm statistics and dropout included.
+            self.vision.eval()
+        return self
+
     def set_activation_checkpointing(self, enable: bool = True) -> None:
         self.lm.set_activation_checkpointing(enable)
 

@@ -1,0 +1,3 @@
+from mmdlm.train.train import main
+
+raise SystemExit(main())

@@ -1,0 +1,79 @@
+"""Training configuration: one dataclass tree, filled from configs/train/*.yaml and `--set` overrides.
+
+Stages (align, pretrain, sft, finetune) are YAML files over this one schema, not code branches:
+they differ in data, in which modules train (`trainable`) and in where the weights start.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class DataConfig:
+    json: list[str] = field(default_factory=list)  # LLaVA JSON files (conversations: SFT)
+    image_folder: str | None = None  # None: each JSON's own folder
+    shards: str | None = None  # webdataset shards, brace pattern (documents: pretraining)
+    tokenizer: str = "runs/demo/world/tokenizer"  # local folder; a model folder's tokenizer wins when resuming
+    max_length: int = 128
+    num_workers: int = 0
+    shuffle_buffer: int = 1000
+    resampled: bool = False  # shards sampled with replacement (very large corpora, many nodes)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.99)
+    warmup_steps: int = 20
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    grad_clip: float = 1.0
+    # Learning-rate multiplier per top-level module; LLaDA-V trains the tower at a fifth of the LM's.
+    lr_multipliers: dict[str, float] = field(default_factory=lambda: {"vision": 0.2})
+
+
+@dataclass
+class LoraConfig:
+    r: int = 0  # 0 = no LoRA (full fine-tuning)
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+
+@dataclass
+class TrainConfig:
+    model: str = "configs/model/tiny.yaml"  # model YAML for a new model
+    init_from: str | None = None  # a saved model folder to start from (align -> sft, finetune)
+    trainable: list[str] = field(default_factory=lambda: ["projector", "lm"])  # of: vision, projector, lm
+    objective: str = "diffusion"  # or "autoregressive" (the causal twin; needs lm.attention: causal)
+    model_overrides: list[str] = field(default_factory=list)  # `--set`-style overrides of the model YAML
+    complementary_masking: bool = False
+    mask_eps: float = 1e-3
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    deepspeed: str = "configs/deepspeed/zero2.json"
+    precision: str = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    micro_batch_size: int = 16
+    grad_accum: int = 1
+    max_steps: int = 300
+    save_every: int = 100  # resumable checkpoint every N optimizer steps (0 = only at the end)
+    keep_checkpoints: int = 2
+    activation_checkpointing: bool = False
+    output_dir: str = "runs/train"
+    export_dir: str | None = None  # default: <output_dir>/model
+    seed: int = 0
+    log_every: int = 10
+    max_nonfinite: int = 10  # consecutive non-finite losses before the run stops
+
+    def validate(self) -> None:
+        unknown = set(self.trainable) - {"vision", "projector", "lm"}
+        if unknown:
+            raise ValueError(f"trainable={self.trainable}: unknown modules {sorted(unknown)} (vision, projector, lm)")
+        if self.objective not in ("diffusion", "autoregressive"):
+            raise ValueError(f"objective={self.objective!r} must be 'diffusion' or 'autoregressive'")
+        if bool(self.data.json) == bool(self.data.shards):
+            raise ValueError("set exactly one of data.json (conversations) or data.shards (documents)")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ValueError(f"precision={self.precision!r} must be auto, fp32 or bf16")
