@@ -42,7 +42,7 @@ def world(tmp_path_factory) -> Path:
 def overrides(world: Path, out: Path, *extra: str) -> list[str]:
     sets = [f"data.json=[{world / 'train' / 'qa.json'}]", f"data.tokenizer={world / 'tokenizer'}",
             f"output_dir={out}", "micro_batch_size=4", "max_steps=4", "save_every=2", "log_every=1",
-            "optim.warmup_steps=10", *TINY_LM, *extra]
+            "optim.warmup_steps=10", "init_from=null", *TINY_LM, *extra]
     return [arg for s in sets for arg in ("--set", s)]
 
 
