@@ -28,8 +28,9 @@ class MMDLMConfig(PretrainedConfig):
     model_type = "mmdlm"
 
     def __init__(self, vision: dict | None = None, projector: dict | None = None, lm: dict | None = None,
-                 image_token_id: int = 0, **kwargs):
+                 image_token_id: int = 0, prefix_dlm: bool = False, **kwargs):
         self.vision = dict(vision or {})
+        self.prefix_dlm = prefix_dlm  # trained with prefix-DLM attention: the sampler's prefix cache is exact
         self.projector = dict(projector or {})
         self.lm = dict(lm or {})
         self.image_token_id = image_token_id

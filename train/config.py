@@ -49,6 +49,9 @@ class TrainConfig:
     objective: str = "diffusion"  # or "autoregressive" (the causal twin; needs lm.attention: causal)
     model_overrides: list[str] = field(default_factory=list)  # `--set`-style overrides of the model YAML
     complementary_masking: bool = False
+    # Prefix-DLM attention (image + prompt never attend to the answer): makes the sampler's prefix
+    # KV cache exact at inference. Stored in the exported model's config.
+    prefix_dlm: bool = False
     mask_eps: float = 1e-3
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)

@@ -66,6 +66,7 @@ def build(cfg: TrainConfig):
     if (cfg.objective == "autoregressive") != (model.lm.config.attention == "causal"):
         raise ConfigError("objective=autoregressive needs lm.attention=causal (and diffusion needs bidirectional)")
     model.config.image_token_id = ids.image
+    model.config.prefix_dlm = cfg.prefix_dlm or bool(getattr(model.config, "prefix_dlm", False))
     model.lm.config.mask_token_id = ids.mask
     for name in ("vision", "projector", "lm"):
         getattr(model, name).requires_grad_(name in cfg.trainable)
@@ -126,13 +127,15 @@ def loss_of(engine, batch: dict, cfg: TrainConfig, mask_id: int, generator: torc
     pixels = batch["pixel_values"]
     if cfg.objective == "autoregressive":
         return next_token_loss(engine(ids, pixels, attention_mask=attention), ids, maskable), None, None
+    prefix_len = batch["prompt_length"] if model.config.prefix_dlm else None  # [B]
     # One vision pass, reused by both masks of a complementary pair.
     features = model.encode_images(pixels) if pixels.shape[0] else None
 
     def logits_fn(noisy: torch.Tensor) -> torch.Tensor:
         k = noisy.shape[0] // ids.shape[0]
         feats = None if features is None else features.repeat(k, 1, 1)
-        return engine(noisy, attention_mask=attention.repeat(k, 1), image_features=feats)
+        prefix = None if prefix_len is None else prefix_len.repeat(k)
+        return engine(noisy, attention_mask=attention.repeat(k, 1), image_features=feats, prefix_len=prefix)
 
     out = masked_diffusion_loss(logits_fn, ids, maskable, mask_id, eps=cfg.mask_eps,
                                 complementary=cfg.complementary_masking, generator=generator)

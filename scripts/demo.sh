@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# The main job on the built-in demo, end to end on one CPU machine:
+#   1. draw the demo world (scenes, VQA pairs, captions, shards, tokenizer)
+#   2. train the tiny model: align (projector) then SFT (all), DeepSpeed single-process engine
+#   3. evaluate VQA accuracy and caption CIDEr on the held-out test split
+#   4. draw a fresh scene and answer a question about it with infer.py
+# Creates the virtual environment first when it is missing. Outputs go to runs/demo/.
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
+out=runs/demo
+mkdir -p "$out"
+say() { printf '\n== %s\n' "$*"; }
+
+say "1/4 demo world -> $out/world"
+mmdlm-data synth --out "$out/world" --n 2000 --seed 0
+
+say "2/4 training (align, then sft)"
+rm -rf "$out/align" "$out/sft"
+mmdlm-train --config configs/train/demo_align.yaml
+mmdlm-train --config configs/train/demo_sft.yaml
+
+say "3/4 evaluation on the held-out test split"
+python infer/infer.py --model "$out/sft/model" --input "$out/world/test/qa.json" --output "$out/test_qa_answers.jsonl"
+python infer/evaluate.py --predictions "$out/test_qa_answers.jsonl" --references "$out/world/test/qa.json" \
+    | tee "$out/test_qa_scores.txt"
+python infer/infer.py --model "$out/sft/model" --input "$out/world/test/captions.json" \
+    --output "$out/test_caption_answers.jsonl"
+python infer/evaluate.py --predictions "$out/test_caption_answers.jsonl" \
+    --references "$out/world/test/captions.json" | tee "$out/test_caption_scores.txt"
+
+say "4/4 a question about a freshly drawn image"
+mmdlm-data synth --out "$out/fresh" --n 1 --seed 2026 > /dev/null
+image="$out/fresh/test/images/$(ls "$out/fresh/test/images" | head -n 1)"
+question=$(python -c "import json,sys; e=json.load(open(sys.argv[1]))[0]; print(e['conversations'][0]['value'].replace('<image>','').strip())" "$out/fresh/test/qa.json")
+echo "image:    $image"
+echo "question: $question"
+python infer/infer.py --model "$out/sft/model" --image "$image" --question "$question"
