@@ -1,8 +1,11 @@
 """Image preprocessing taken from the tower's own config, so real weights get their own transform.
 
-timm: `resolve_model_data_config` (size, mean, std, interpolation, crop_pct); open_clip: the
-visual tower's `preprocess_cfg`. When the config overrides the image size (the demo's 64 px
-scenes), the whole image is resized without a crop: objects near the border must stay in view.
+Size, mean, std and interpolation come from the library: timm's `resolve_model_data_config`
+(the default weights' pretrained config, even for a random init) or open_clip's
+`preprocess_cfg` (filled from its pretrained-tag registry by the tower). By default the whole
+image is resized to the input size, as SigLIP's own processor does: timm's ImageNet-style 0.9
+centre crop would cut off what a question about a corner asks for. `vision.center_crop: true`
+restores the tower config's resize + crop.
 """
 
 from __future__ import annotations
@@ -22,8 +25,9 @@ def image_transform(tower: VisionTower) -> Callable[[Image.Image], torch.Tensor]
         from timm.data import create_transform, resolve_model_data_config
 
         data = resolve_model_data_config(tower.backbone)
-        if cfg.image_size is not None:
-            data.update(input_size=(3, *tower.input_size), crop_pct=1.0)
+        data["input_size"] = (3, *tower.input_size)
+        if not cfg.center_crop:
+            data.update(crop_pct=1.0, crop_mode="squash")
         transform = create_transform(**data, is_training=False)
     else:
         from open_clip import image_transform as clip_transform
@@ -31,7 +35,7 @@ def image_transform(tower: VisionTower) -> Callable[[Image.Image], torch.Tensor]
         pre = tower.backbone.preprocess_cfg
         transform = clip_transform(
             tower.input_size, is_train=False, mean=pre["mean"], std=pre["std"],
-            resize_mode=pre.get("resize_mode"), interpolation=pre.get("interpolation"),
+            resize_mode=pre["resize_mode"] if cfg.center_crop else "squash", interpolation=pre["interpolation"],
         )
 
     def apply(image: Image.Image) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """Projector: vision features [N, T, C] -> LM-width tokens [N, T', D].
 
 `mlp2x_gelu` is LLaVA-1.5's (Linear-GELU-Linear); `linear` is LLaVA-1's. `pool: 2` averages
-2x2 neighbourhoods of the patch grid first (LaViDa's token compression: 4x fewer image tokens).
+2x2 neighbourhoods of the patch grid first (LaViDa's token compression: SigLIP's 27x27 = 729
+tokens become 14x14 = 196; a window hanging over an odd edge averages the cells it covers).
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ class ProjectorConfig:
 
 
 class Projector(nn.Module):
+    """Vision features [N, T, C] -> (optionally pooled) LM-width tokens [N, num_tokens(T), D]."""
+
     def __init__(self, cfg: ProjectorConfig, vision_width: int, lm_width: int):
         super().__init__()
         if cfg.type == "mlp2x_gelu":
@@ -38,16 +41,15 @@ class Projector(nn.Module):
         if self.pool == 1:
             return vision_tokens
         side = math.isqrt(vision_tokens)
-        if side * side != vision_tokens or side % self.pool:
-            raise ValueError(
-                f"projector.pool={self.pool} needs a square grid divisible by it, got {vision_tokens} tokens"
-            )
-        return (side // self.pool) ** 2
+        if side * side != vision_tokens:
+            raise ValueError(f"projector.pool={self.pool} needs a square grid of patch tokens, got {vision_tokens} "
+                             "(with vision.use_cls=true the class token breaks the grid)")
+        return math.ceil(side / self.pool) ** 2
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         if self.pool > 1:
             N, T, C = features.shape
             side = math.isqrt(T)
             grid = features.transpose(1, 2).reshape(N, C, side, side)  # [N, C, s, s]
-            features = F.avg_pool2d(grid, self.pool).flatten(2).transpose(1, 2)  # [N, T/p^2, C]
+            features = F.avg_pool2d(grid, self.pool, ceil_mode=True).flatten(2).transpose(1, 2)  # [N, ceil(s/p)^2, C]
         return self.proj(features)

@@ -1,13 +1,17 @@
 """Vision towers from timm or open_clip, returning patch features [N, T, C] of a chosen layer.
 
-One code path with a backend switch: both libraries expose `forward_intermediates`, so the tower
-asks for the wanted layer (LLaVA takes the penultimate one) and prunes the layers after it, which
-keeps unused parameters out of the optimizer and out of ZeRO's bookkeeping. Weights come only
-from a local file (`vision.weights`); building never touches the network.
+One code path with a backend switch: both libraries build the model from its name (plus size
+overrides) and expose `forward_intermediates`, so the tower asks for the wanted layer (LLaVA
+takes the penultimate one) and prunes the layers after it, which keeps parameters that would
+never get a gradient out of the optimizer, out of ZeRO's bookkeeping and out of DDP's unused-
+parameter check. Weights come only from a local file (`vision.weights`); building never touches
+the network.
 """
 
 from __future__ import annotations
 
+import copy
+import inspect
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,21 +20,33 @@ from typing import Any
 import torch
 from torch import nn
 
+HUB_PREFIXES = ("hf-hub:", "hf_hub:")  # names that make timm / open_clip fetch configs or weights
+
 
 @dataclass
 class VisionConfig:
     backend: str = "timm"  # "timm" | "open_clip"
-    model: str = "resnet18"  # a timm model name or an open_clip model name
-    image_size: int | None = None  # None: the model's own size
-    overrides: dict[str, Any] = field(default_factory=dict)  # constructor kwargs (depth, width, vision_cfg...)
+    model: str = "resnet18"  # a timm model name (timm.list_models) or an open_clip one (open_clip.list_models)
+    image_size: int | None = None  # None: the model's own input size
+    # Constructor overrides. timm: create_model kwargs (depth, embed_dim, patch_size, ...).
+    # open_clip: model-config entries, merged key by key (vision_cfg: {layers, width, ...}),
+    # or create_model arguments (image_mean, force_preprocess_cfg, ...).
+    overrides: dict[str, Any] = field(default_factory=dict)
     feature_layer: int = -2  # index into the model's intermediates; -2 = penultimate (LLaVA)
     use_cls: bool = False  # keep prefix (class/register) tokens in front of the patch tokens
     frozen: bool = False
     weights: str | None = None  # local checkpoint file; None = random init
+    # Preprocessing: False resizes the whole image to the input size (SigLIP's own processor;
+    # nothing near the border is lost, which VQA needs); True keeps the tower config's eval
+    # resize + centre crop (timm crop_pct, open_clip resize_mode).
+    center_crop: bool = False
 
     def validate(self) -> None:
         if self.backend not in ("timm", "open_clip"):
             raise ValueError(f"vision.backend={self.backend!r} must be 'timm' or 'open_clip'")
+        if self.model.startswith(HUB_PREFIXES):
+            raise ValueError(f"vision.model={self.model!r} names a hub model: this project never downloads; "
+                             "set vision.model to a library model name and vision.weights to a local file")
         if self.weights is not None and not Path(self.weights).is_file():
             raise FileNotFoundError(
                 f"vision.weights={self.weights!r} is not a file: set vision.weights to a local checkpoint "
@@ -38,29 +54,71 @@ class VisionConfig:
             )
 
 
-def _create(cfg: VisionConfig) -> nn.Module:
-    """Return the backbone module (for open_clip: its visual tower)."""
-    if cfg.backend == "timm":
-        import timm
+def _merge(base: dict, update: dict) -> dict:
+    """Return `base` with `update` merged in, nested dicts key by key."""
+    out = copy.deepcopy(base)
+    for key, value in update.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
 
-        kwargs = dict(cfg.overrides)
-        if cfg.image_size is not None:
-            kwargs.setdefault("img_size", cfg.image_size) if _takes_img_size(cfg.model) else None
-        if cfg.weights:
-            kwargs.update(pretrained=True, pretrained_cfg_overlay=dict(file=cfg.weights))
-        return timm.create_model(cfg.model, num_classes=0, **kwargs)
+
+def _create_timm(cfg: VisionConfig) -> nn.Module:
+    import timm
+
+    kwargs = dict(cfg.overrides)
+    if cfg.weights:
+        kwargs.update(pretrained=True, pretrained_cfg_overlay=dict(file=cfg.weights))
+    if cfg.image_size is not None:
+        try:  # transformers size their position embeddings by img_size (timm resamples loaded ones)
+            return timm.create_model(cfg.model, num_classes=0, img_size=cfg.image_size, **kwargs)
+        except TypeError as error:  # CNNs take any input size and have no img_size argument
+            if "img_size" not in str(error):
+                raise
+    return timm.create_model(cfg.model, num_classes=0, **kwargs)
+
+
+def _open_clip_preprocess(name: str) -> dict[str, Any]:
+    """Return the preprocessing shared by all of open_clip's pretrained tags of `name` ({} if they differ).
+
+    open_clip attaches mean/std/resize_mode only when weights come from a tag (a download); with
+    a local file it falls back to OpenAI CLIP's, which is wrong for SigLIP. The tag registry is
+    in the package, so reading it needs no network.
+    """
+    from open_clip.pretrained import get_pretrained_cfg, list_pretrained_tags_by_model
+
+    keys = ("mean", "std", "interpolation", "resize_mode")
+    tags = list_pretrained_tags_by_model(name)
+    found = {tuple((k, get_pretrained_cfg(name, tag).get(k)) for k in keys) for tag in tags}
+    return {k: v for k, v in next(iter(found)) if v is not None} if len(found) == 1 else {}
+
+
+def _create_open_clip(cfg: VisionConfig) -> nn.Module:
     import open_clip
 
-    logging.getLogger().setLevel(max(logging.getLogger().level, logging.ERROR))  # "no pretrained weights" noise
-    kwargs = dict(cfg.overrides)
-    if cfg.image_size is not None:
-        kwargs["force_image_size"] = cfg.image_size
-    return open_clip.create_model(cfg.model, pretrained=cfg.weights, **kwargs).visual
-
-
-def _takes_img_size(name: str) -> bool:
-    # Transformers take img_size (position embeddings are sized by it); CNNs take any size as is.
-    return any(key in name for key in ("vit", "deit", "eva", "siglip", "swin", "beit"))
+    model_cfg = open_clip.get_model_config(cfg.model)
+    if model_cfg is None:
+        raise ValueError(f"vision.model={cfg.model!r} is not an open_clip model (see open_clip.list_models())")
+    structure = {k: v for k, v in cfg.overrides.items() if k in model_cfg}
+    arguments = {k: v for k, v in cfg.overrides.items() if k not in model_cfg}
+    merged = _merge(model_cfg, structure)
+    if cfg.image_size is not None:  # what force_image_size does, lest a merged vision_cfg undo it
+        merged["vision_cfg"]["image_size"] = cfg.image_size
+    model_kwargs = {k: merged[k] for k in structure}
+    if cfg.weights is None:
+        # Only `.visual` is kept: a one-layer text tower saves building (and allocating) the real
+        # one, and avoids the network for towers whose text side is a Hugging Face model.
+        model_kwargs["text_cfg"] = dict(context_length=2, vocab_size=2, width=64, heads=1, layers=1)
+    arguments.setdefault("device", torch.get_default_device())  # it moves the model to "cpu" otherwise, meta included
+    preprocess = {**_open_clip_preprocess(cfg.model), **arguments.pop("force_preprocess_cfg", {})}
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(max(level, logging.ERROR))  # silences its "no pretrained weights loaded" warning
+    try:
+        model = open_clip.create_model(cfg.model, pretrained=cfg.weights, force_image_size=cfg.image_size,
+                                       force_preprocess_cfg=preprocess, **arguments, **model_kwargs)
+    finally:
+        root.setLevel(level)
+    return model.visual
 
 
 class VisionTower(nn.Module):
@@ -70,22 +128,34 @@ class VisionTower(nn.Module):
         super().__init__()
         cfg.validate()
         self.cfg = cfg
-        self.backbone = _create(cfg)
-        if hasattr(self.backbone, "prune_intermediate_layers"):
-            # The final norm only serves the pooled head: intermediates are taken before it (LLaVA's
-            # hidden_states[-2]), so it is pruned with the head and the later blocks.
-            kept = self.backbone.prune_intermediate_layers([cfg.feature_layer], prune_norm=True, prune_head=True)
-            self.layer = kept[0] if isinstance(kept, (list, tuple)) else cfg.feature_layer
-        else:
-            self.layer = cfg.feature_layer
+        self.backbone = _create_timm(cfg) if cfg.backend == "timm" else _create_open_clip(cfg)
+        # open_clip wraps timm towers (its SigLIPs) in `.trunk` + an adapter head.
+        trunk = getattr(self.backbone, "trunk", self.backbone)
+        if not hasattr(trunk, "forward_intermediates"):
+            raise ValueError(f"vision.model={cfg.model!r} has no forward_intermediates in this {cfg.backend} version: "
+                             "pick a model that has (ViT, SigLIP, ResNet, ConvNeXt, ...)")
+        if cfg.use_cls and cfg.backend == "timm" and \
+                "return_prefix_tokens" not in inspect.signature(trunk.forward_intermediates).parameters:
+            raise ValueError(f"vision.use_cls=true, but {cfg.model} has no class token: set vision.use_cls=false")
+        self.layer = cfg.feature_layer
+        if hasattr(trunk, "prune_intermediate_layers"):
+            # Intermediates are taken before the final norm (LLaVA's hidden_states[-2]), so the norm
+            # goes with the head and the later blocks.
+            self.layer = trunk.prune_intermediate_layers([cfg.feature_layer], prune_norm=True, prune_head=True)[0]
+            if trunk is not self.backbone:
+                self.backbone.head = nn.Identity()
         if cfg.frozen:
             self.requires_grad_(False)
-        with torch.no_grad():
-            probe = self.forward(torch.zeros(1, 3, *self.input_size, device=self._device()))
-        self.num_tokens, self.hidden_size = probe.shape[1], probe.shape[2]
+        self.num_tokens, self.hidden_size = self._probe()
 
-    def _device(self) -> torch.device:
-        return next(self.parameters()).device
+    def _probe(self) -> tuple[int, int]:
+        """Return (tokens, width) of one image's features; eval mode so BatchNorm statistics stay put."""
+        mode = self.training
+        self.eval()
+        with torch.no_grad():
+            out = self.forward(torch.zeros(1, 3, *self.input_size, device=next(self.parameters()).device))
+        self.train(mode)
+        return out.shape[1], out.shape[2]
 
     @property
     def input_size(self) -> tuple[int, int]:
@@ -99,20 +169,17 @@ class VisionTower(nn.Module):
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         x = pixel_values.to(next(self.parameters()).dtype)
         if self.cfg.backend == "timm":
-            kwargs = {"output_fmt": "NLC"} if _takes_img_size(self.cfg.model) else {}
-            if self.cfg.use_cls and kwargs:
-                kwargs["return_prefix_tokens"] = True
-            out = self.backbone.forward_intermediates(x, indices=[self.layer], intermediates_only=True, **kwargs)[0]
-            if isinstance(out, tuple):  # (patch tokens, prefix tokens)
-                out = torch.cat([out[1], out[0]], dim=1)
+            extra = {"return_prefix_tokens": True} if self.cfg.use_cls else {}
+            out = self.backbone.forward_intermediates(x, indices=[self.layer], intermediates_only=True, **extra)[0]
+            patches, prefix = out if isinstance(out, tuple) else (out, None)
         else:
-            result = self.backbone.forward_intermediates(
-                x, indices=[self.layer], intermediates_only=True, output_fmt="NLC",
-                output_extra_tokens=self.cfg.use_cls,
-            )
-            out = result["image_intermediates"][0]
-            if self.cfg.use_cls and result.get("image_intermediates_prefix"):
-                out = torch.cat([result["image_intermediates_prefix"][0], out], dim=1)
-        if out.dim() == 4:  # a CNN feature map [N, C, h, w] -> tokens in raster order
-            out = out.flatten(2).transpose(1, 2)
-        return out  # [N, T, C]
+            out = self.backbone.forward_intermediates(x, indices=[self.layer], intermediates_only=True,
+                                                      output_extra_tokens=self.cfg.use_cls)
+            patches, prefix = out["image_intermediates"][0], out.get("image_intermediates_prefix", [None])[0]
+        if patches.dim() == 4:  # a feature map [N, C, h, w] -> tokens in raster order
+            patches = patches.flatten(2).transpose(1, 2)
+        if not self.cfg.use_cls:
+            return patches  # [N, T, C]
+        if prefix is None or prefix.shape[1] == 0:
+            raise ValueError(f"vision.use_cls=true, but {self.cfg.model} has no class token: set vision.use_cls=false")
+        return torch.cat([prefix, patches], dim=1)  # [N, P + T, C]

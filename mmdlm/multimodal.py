@@ -8,6 +8,7 @@ of appearance. Everything downstream (loss, sampler, cache) sees only embeddings
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
 
 from mmdlm.cache import KVCache
-from mmdlm.config import from_dict, load_yaml
+from mmdlm.config import ConfigError, from_dict, load_yaml
 from mmdlm.encoders.processor import image_transform
 from mmdlm.encoders.projector import Projector, ProjectorConfig
 from mmdlm.encoders.tower import VisionConfig, VisionTower
@@ -25,6 +26,8 @@ from mmdlm.model import DiffusionLM, DLMConfig
 
 
 class MMDLMConfig(PretrainedConfig):
+    """The three parts as plain dicts (VisionConfig, ProjectorConfig, DLMConfig fields), so config.json rebuilds all."""
+
     model_type = "mmdlm"
 
     def __init__(self, vision: dict | None = None, projector: dict | None = None, lm: dict | None = None,
@@ -38,6 +41,8 @@ class MMDLMConfig(PretrainedConfig):
 
 
 class MMDLM(PreTrainedModel):
+    """Vision tower -> projector -> diffusion LM; forward returns logits [B, L, V]."""
+
     config_class = MMDLMConfig
     base_model_prefix = "mmdlm"
     supports_gradient_checkpointing = True
@@ -73,19 +78,17 @@ class MMDLM(PreTrainedModel):
 
     def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
               image_features: torch.Tensor | None = None) -> torch.Tensor:
-        """Return inputs_embeds [B, L, D]: token embeddings with every `<image>` run replaced by image features."""
-        embeds = self.lm.get_input_embeddings()(input_ids)
+        """Return inputs_embeds [B, L, D]: token embeddings with every `<image>` run replaced by image features.
+
+        Runs are filled in row-major order, one image per `num_image_tokens` ids, so adjacent images
+        may form one longer run. `image_features` [N, T, D] (from encode_images) skips the tower.
+        """
+        embeds = self.lm.get_input_embeddings()(input_ids)  # [B, L, D]
         is_image = input_ids == self.config.image_token_id  # [B, L]
         if image_features is None and pixel_values is not None and pixel_values.shape[0] > 0:
             image_features = self.encode_images(pixel_values)
         n_images = 0 if image_features is None else image_features.shape[0]
-        n_tokens = int(is_image.sum())
-        if n_tokens != n_images * self.num_image_tokens:
-            runs = int((is_image & ~torch.nn.functional.pad(is_image, (1, 0))[:, :-1]).sum())
-            raise ValueError(
-                f"{n_tokens} <image> tokens in {runs} runs, but {n_images} images x {self.num_image_tokens} "
-                "tokens each: expand every <image> to num_image_tokens ids and pass one image per run"
-            )
+        self._check_runs(is_image, n_images)
         if n_images == 0:
             if self.training:
                 # Every rank must run the same modules each step (ZeRO-3 / DDP hang otherwise):
@@ -94,6 +97,19 @@ class MMDLM(PreTrainedModel):
                 embeds = embeds + 0.0 * self.encode_images(blank).sum()
             return embeds
         return embeds.masked_scatter(is_image[..., None], image_features.to(embeds.dtype))
+
+    def _check_runs(self, is_image: torch.Tensor, n_images: int) -> None:
+        """Raise ValueError unless the `<image>` runs hold exactly n_images x num_image_tokens ids, image by image."""
+        T = self.num_image_tokens
+        flat = torch.nn.functional.pad(is_image, (1, 1)).flatten().int()  # a False on each side of every row
+        edges = flat.diff().nonzero().flatten().tolist()  # alternating run starts and ends, row-major
+        lengths = [end - start for start, end in zip(edges[::2], edges[1::2])]
+        if any(n % T for n in lengths) or sum(lengths) != n_images * T:
+            shown = lengths[:8] + (["..."] if len(lengths) > 8 else [])
+            raise ValueError(
+                f"{len(lengths)} <image> runs of lengths {shown} ({sum(lengths)} tokens), but {n_images} images "
+                f"x {T} tokens each: expand every <image> to num_image_tokens ids and pass one image per placeholder"
+            )
 
     def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, prefix_len: torch.Tensor | int | None = None,
@@ -105,11 +121,13 @@ class MMDLM(PreTrainedModel):
                        position_ids=position_ids, cache=cache, start=start, fill_cache=fill_cache)
 
     @classmethod
-    def from_pretrained(cls, folder: str | Path, **_: Any) -> MMDLM:
-        """Return the model saved in `folder` by save_pretrained; builds the tower offline, then loads weights.
+    def from_pretrained(cls, folder: str | Path, *_: Any, dtype: torch.dtype | None = None, **__: Any) -> MMDLM:
+        """Return the model saved in `folder` by save_pretrained, in the saved dtype unless `dtype` is given.
 
         Overridden because the generic loader initialises on the meta device, which leaves the
-        non-persistent buffers of timm/open_clip towers empty.
+        non-persistent buffers of timm/open_clip towers empty. The tower is rebuilt from its
+        config (random init, offline); the LM, which has no buffers, is built on the meta device
+        so that billions of weights are not initialised only to be overwritten.
         """
         folder = Path(folder)
         weights = sorted(folder.glob("model*.safetensors"))
@@ -117,13 +135,20 @@ class MMDLM(PreTrainedModel):
             raise FileNotFoundError(f"{folder}: not a model folder (needs config.json and model*.safetensors)")
         config = MMDLMConfig.from_pretrained(folder)
         config.vision["weights"] = None  # the folder's own weights replace the tower's original file
-        model = cls(config)
+        with torch.device("meta"):
+            lm = DiffusionLM(DLMConfig(**config.lm))
+        model = cls(config, lm=lm)
         state: dict[str, torch.Tensor] = {}
         for f in weights:
             state.update(load_file(str(f)))
-        if model.lm.config.tie_word_embeddings:
+        tied = model.lm.config.tie_word_embeddings
+        if tied:
             state.setdefault("lm.lm_head.weight", state.get("lm.embed_tokens.weight"))
-        model.load_state_dict(state, strict=True)
+        model.load_state_dict(state, strict=True, assign=True)
+        if tied:
+            model.lm.tie_weights()
+        if dtype is not None:
+            model.to(dtype)
         return model.eval()
 
 
@@ -137,29 +162,53 @@ class ModelConfig:
     lm_path: str | None = None  # a converted LLaDA folder (mmdlm-convert-llada) or any DiffusionLM folder
 
 
+# DLMConfig's own arguments and the token ids transformers keeps as generic config attributes.
+LM_KEYS = frozenset(inspect.signature(DLMConfig.__init__).parameters) - {"self", "kwargs"} | {
+    "eos_token_id", "pad_token_id", "bos_token_id"}
+
+
 def build_model(spec: str | Path | dict | ModelConfig, vocab_size: int | None = None,
                 image_token_id: int | None = None, mask_token_id: int | None = None) -> MMDLM:
-    """Return a new MMDLM from a model YAML (or its dict); tokenizer ids override the config's."""
+    """Return a new MMDLM from a model YAML (or its dict); tokenizer sizes and ids override the config's.
+
+    With `lm_path` the LM is loaded from that folder (its embeddings grown if the tokenizer is
+    larger); otherwise it is built from the `lm` sizes with random init.
+    """
+    where = str(spec)[:80] if isinstance(spec, (str, Path)) else "model config"
     if not isinstance(spec, ModelConfig):
-        spec = from_dict(ModelConfig, spec if isinstance(spec, dict) else load_yaml(spec), str(spec)[:80])
+        spec = from_dict(ModelConfig, spec if isinstance(spec, dict) else load_yaml(spec), where)
+    unknown = sorted(set(spec.lm) - LM_KEYS)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown} in lm; known: {sorted(LM_KEYS)}")
     lm = None
     if spec.lm_path:
         if not (Path(spec.lm_path) / "config.json").is_file():
             raise FileNotFoundError(f"lm_path={spec.lm_path!r} is not a model folder: convert LLaDA first "
                                     "(mmdlm-convert-llada SRC DST) and set lm_path to DST")
         lm = DiffusionLM.from_pretrained(spec.lm_path)
-        lm_cfg = lm.config.to_dict()
+        if vocab_size is not None and vocab_size > lm.config.vocab_size:
+            lm.resize_token_embeddings(vocab_size)
+        if mask_token_id is not None:
+            lm.config.mask_token_id = mask_token_id
+        lm_cfg = {k: v for k, v in lm.config.to_dict().items() if k in LM_KEYS}
+        differ = {k: (v, lm_cfg.get(k)) for k, v in spec.lm.items()
+                  if k not in ("vocab_size", "mask_token_id") and lm_cfg.get(k) != v}
+        if differ:
+            raise ConfigError(f"{where}: lm sizes disagree with lm_path={spec.lm_path!r} "
+                              f"(yaml, folder): {differ}; drop them from lm or fix them")
     else:
         lm_cfg = dict(spec.lm)
         if vocab_size is not None:
             lm_cfg["vocab_size"] = vocab_size
         if mask_token_id is not None:
             lm_cfg["mask_token_id"] = mask_token_id
-    lm_cfg = {k: v for k, v in lm_cfg.items() if k in DLMConfig().to_dict() or k == "num_key_value_heads"}
-    config = MMDLMConfig(
-        vision=dataclasses.asdict(spec.vision), projector=dataclasses.asdict(spec.projector), lm=lm_cfg,
-        image_token_id=image_token_id if image_token_id is not None else lm_cfg.get("vocab_size", 1) - 1,
-    )
+        lm_cfg.setdefault("vocab_size", DLMConfig().vocab_size)
+    vocab = lm_cfg["vocab_size"]
+    image_token_id = vocab - 1 if image_token_id is None else image_token_id
+    if not 0 <= image_token_id < vocab:
+        raise ConfigError(f"{where}: image_token_id={image_token_id} is outside the LM vocabulary of {vocab}")
+    config = MMDLMConfig(vision=dataclasses.asdict(spec.vision), projector=dataclasses.asdict(spec.projector),
+                         lm=lm_cfg, image_token_id=image_token_id)
     return MMDLM(config, lm=lm)
 
 
