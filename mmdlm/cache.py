@@ -25,6 +25,11 @@ class KVCache:
     def length(self) -> int:
         return 0 if not self.keys or self.keys[0] is None else self.keys[0].shape[2]
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the cached keys and values (all layers, all rows)."""
+        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values) if t is not None)
+
     def splice(
         self, layer: int, k: torch.Tensor, v: torch.Tensor, start: int, store: bool
     ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,346 @@
+"""Answer questions about images, or describe them, with a trained model folder.
+
+    python infer/infer.py --model DIR --image a.jpg --question "What colour is the circle?"
+    python infer/infer.py --model DIR --image a.jpg --caption --show-steps steps.gif
+    python infer/infer.py --model DIR --input qa.json --output answers.jsonl
+    python infer/infer.py --model DIR --image a.jpg --question "..." --template "It is <mask><mask>."
+
+Bad input (a missing, empty, non-image, truncated or decompression-bomb sized image, an empty
+question, a prompt longer than the model's context, a model folder without weights) ends with one
+line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from mmdlm.data.errors import DataError
+from mmdlm.data.llava import entry_images, entry_name, read_json_list
+from mmdlm.data.synthetic import CAPTION_PROMPT
+from mmdlm.data.template import ChatEncoder, expand_image_runs, place_image_tokens, turn_role
+from mmdlm.data.tokenizer import load_tokenizer, special_ids
+from mmdlm.sampling import SamplerConfig, generate
+
+# Short answers fit one block; captions run in two semi-autoregressive blocks. Threshold decoding
+# with early stop is the fast default; --threshold 0 --no-early-stop gives LLaDA's plain sampler.
+TASK_DEFAULTS = {
+    "vqa": dict(gen_length=16, block_length=16, steps=16, threshold=0.9),
+    "caption": dict(gen_length=64, block_length=32, steps=64, threshold=0.9),
+}
+
+
+class InferError(ValueError):
+    """A request that cannot be answered; the message names the file or option and the fix."""
+
+
+def load_image(path: str | Path, where: str = "") -> Image.Image:
+    """Return the image at `path` as RGB, or InferError saying what is wrong with the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise InferError(f"{where}image not found: {path}")
+    if path.stat().st_size == 0:
+        raise InferError(f"{where}image file is empty: {path}")
+    try:
+        with Image.open(path) as image:
+            image.load()  # decodes now, so a truncated file fails here and not in the model
+            return image.convert("RGB")
+    except Image.DecompressionBombError as error:
+        raise InferError(f"{where}{path} is too large to decode safely ({error}); downscale it first") from error
+    except Image.UnidentifiedImageError as error:
+        raise InferError(f"{where}{path} is not an image Pillow can read (PNG, JPEG, ...)") from error
+    except (OSError, ValueError, SyntaxError) as error:
+        raise InferError(f"{where}{path} is truncated or corrupt ({error})") from error
+
+
+def load_model(path: str | Path, device: str = "cpu"):
+    """Return (MMDLM in eval mode on `device`, tokenizer) from a model folder written by training."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise InferError(f"model folder not found: {folder}")
+    if not any(folder.glob("model*.safetensors")):
+        raise InferError(f"{folder} holds no weights (model*.safetensors): pass the folder that training exported")
+    if not (folder / "config.json").is_file():
+        raise InferError(f"{folder} has weights but no config.json: pass the folder that training exported")
+    from safetensors import SafetensorError
+    from transformers.utils import logging as hf_logging
+
+    from mmdlm.multimodal import MMDLM
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # a command line speaks in its own lines, not transformers' notices
+    try:
+        # AutoTokenizer reads the folder's config.json too, and warns that it is not a tokenizer's
+        tokenizer = load_tokenizer(folder / "tokenizer" if (folder / "tokenizer").is_dir() else folder)
+        model = MMDLM.from_pretrained(folder)
+    except DataError:
+        raise  # the tokenizer's own message already names the folder and the fix
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as error:
+        raise InferError(f"{folder}: cannot load the model ({str(error).splitlines()[0]})") from error
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    return model.to(device).eval(), tokenizer
+
+
+def llava_requests(json_path: str | Path, image_folder: str | Path | None) -> list[dict]:
+    """Return one request per entry of a LLaVA JSON file: its images, the turns up to the last question and the
+    reference answer (the last gpt turn, None when the file holds only questions)."""
+    json_path = Path(json_path)
+    folder = Path(image_folder) if image_folder is not None else json_path.parent
+    requests = []
+    for index, entry in enumerate(read_json_list(json_path)):
+        name = entry_name(json_path, entry, index)
+        turns = entry.get("conversations") if isinstance(entry, dict) else None
+        if not isinstance(turns, list) or not all(isinstance(t, dict) and isinstance(t.get("value"), str)
+                                                  for t in turns):  # fmt: skip
+            raise DataError(f"{name}: 'conversations' must be a list of {{'from', 'value'}} turns")
+        try:
+            paths = entry_images(entry)
+            turns = place_image_tokens(turns, len(paths))
+            reference = None
+            while turns and turn_role(turns[-1]) == "assistant":  # the answer to score, not part of the prompt
+                reference, turns = reference or turns[-1]["value"], turns[:-1]
+        except DataError as error:
+            raise DataError(f"{name}: {error}") from error
+        if not turns or not turns[-1]["value"].replace("<image>", "").strip():
+            raise DataError(f"{name}: no question to answer (the last human turn is missing or empty)")
+        missing = [p for p in paths if not (folder / p).is_file()]
+        if missing:  # checked now, before the model loads; decoding waits for the entry's batch
+            raise DataError(f"{name}: image not found: {folder / missing[0]} (set --image-folder?)")
+        requests.append({"id": str(entry.get("id", index)), "images": [folder / p for p in paths], "turns": turns,
+                         "reference": reference})  # fmt: skip
+    return requests
+
+
+@dataclass
+class Answer:
+    text: str  # the answer up to its first stop token, special tokens removed
+    pieces: list[str]  # each canvas position's token as text
+    commit_step: list[int]  # the forward that committed each position (0 given, -1 dropped)
+    forward_passes: int
+    tokens_per_forward: float
+
+
+class Answerer:
+    """Turns questions and images into the sampler's prefix embeddings, and its tokens back into text."""
+
+    def __init__(self, model, tokenizer):
+        self.model, self.tokenizer = model, tokenizer
+        self.chat, self.special = ChatEncoder(tokenizer), special_ids(tokenizer)
+        self.transform = model.image_transform()
+        # Trained with prefix-DLM attention (LaViDa): then the prefix cache is exact and on by default.
+        self.prefix_dlm = bool(getattr(model.config, "prefix_dlm", False))
+        self.context = model.lm.config.max_position_embeddings
+        self.device = next(model.parameters()).device
+
+    def prompt_ids(self, turns: list[dict], num_images: int) -> list[int]:
+        """Return the chat-templated prompt with each image expanded to its run of placeholder ids."""
+        ids = self.chat.encode_prompt(place_image_tokens(turns, num_images))
+        return expand_image_runs(ids, self.special.image, self.model.num_image_tokens)
+
+    @torch.no_grad()
+    def prefix(self, prompts: list[list[int]], images: list[list[Image.Image]]):
+        """Return (prefix embeddings [B, P, D], attention mask [B, P]) with prompts left-padded to one length."""
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), self.special.pad, dtype=torch.long)  # [B, P]
+        mask = torch.zeros(len(prompts), width, dtype=torch.bool)
+        for row, prompt in enumerate(prompts):
+            ids[row, width - len(prompt) :] = torch.tensor(prompt)
+            mask[row, width - len(prompt) :] = True
+        flat = [self.transform(image) for row in images for image in row]
+        pixels = torch.stack(flat).to(self.device) if flat else None  # [N_images, 3, H, W]
+        return self.model.embed(ids.to(self.device), pixels), mask.to(self.device)
+
+    def answer(self, turns: list[list[dict]], images: list[list[Image.Image]], config: SamplerConfig, canvas=None):
+        """Return one Answer per request (turns and images of each)."""
+        prompts = [self.prompt_ids(t, len(i)) for t, i in zip(turns, images)]
+        longest = max(len(p) for p in prompts)
+        if longest + config.gen_length > self.context:
+            raise InferError(
+                f"the prompt is {longest} tokens (images included) + {config.gen_length} to generate, over the "
+                f"model's context of {self.context}: shorten the question or lower --gen-length"
+            )
+        embeds, mask = self.prefix(prompts, images)
+        out = generate(self.model.lm, prefix_embeds=embeds, attention_mask=mask, mask_id=self.special.mask,
+                       config=config, canvas=None if canvas is None else canvas.to(self.device))  # fmt: skip
+        answers = []
+        for row in range(len(prompts)):
+            tokens, steps = out.tokens[row].tolist(), out.commit_step[row].tolist()
+            text = self.decode(tokens[: int(out.lengths[row])])
+            pieces = [self.tokenizer.decode([t]) for t in tokens]
+            committed = sum(s > 0 for s in steps)
+            forwards = int(out.row_forwards[row])
+            answers.append(Answer(text, pieces, steps, forwards, committed / max(forwards, 1)))
+        return answers
+
+    def decode(self, answer: list[int]) -> str:
+        """Return the text of an answer's tokens (up to its stop token), special tokens removed."""
+        return self.tokenizer.decode(answer, skip_special_tokens=True).strip()
+
+    def template_canvas(self, template: str) -> torch.Tensor:
+        """Return the canvas [1, G] of a template: its text's ids with a mask id per '<mask>', then end of turn."""
+        pieces = template.split("<mask>")
+        if len(pieces) == 1:
+            raise InferError(f"--template {template!r} has no <mask> hole to fill")
+        ids: list[int] = []
+        for k, piece in enumerate(pieces):
+            if k:
+                ids.append(self.special.mask)
+            ids += self.chat.text_ids(piece)
+        return torch.tensor([ids + [self.special.eot]])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True, help="model folder written by training (weights, config, tokenizer)")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--question", help="a question about --image")
+    what.add_argument("--caption", action="store_true", help="describe --image")
+    what.add_argument("--input", help="LLaVA JSON file: answer the last human turn of every entry")
+    p.add_argument("--image", help="image file for --question / --caption")
+    p.add_argument("--image-folder", help="folder of the --input entries' image paths (default: the file's folder)")
+    p.add_argument("--output", help="JSON-lines answers for --input (default: print them)")
+    p.add_argument("--task", choices=["vqa", "caption"], help="which defaults to use (default: from the request)")
+    p.add_argument("--template", help="answer template: fixed text with <mask> holes to fill, e.g. 'It is <mask>.'")
+    s = p.add_argument_group("sampling (defaults per task: vqa 16/16/threshold 0.9, caption 64/32/threshold 0.9)")
+    s.add_argument("--gen-length", type=int, help="answer canvas length in tokens")
+    s.add_argument("--block-length", type=int, help="semi-autoregressive block length (divides --gen-length)")
+    s.add_argument("--steps", type=int, help="fixed schedule: steps over the whole answer (used with --threshold 0)")
+    s.add_argument("--threshold", type=float, help="commit every token with confidence >= this (0: fixed steps)")
+    s.add_argument("--factor", type=float, help="Fast-dLLM factor rule instead of the threshold")
+    s.add_argument("--confidence", choices=["probability", "margin", "entropy"], default="probability")
+    s.add_argument("--cache", choices=["auto", "none", "prefix", "block"], default="auto",
+                   help="auto: prefix for models trained with prefix-DLM attention, none otherwise; prefix: "
+                        "exact under prefix-DLM attention (which it switches on); block: Fast-dLLM DualCache, "
+                        "approximate")  # fmt: skip
+    s.add_argument("--no-early-stop", action="store_true", help="decode the whole canvas even after the answer ends")
+    s.add_argument("--temperature", type=float, default=0.0)
+    s.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--show-steps", nargs="?", const="-", metavar="PNG|GIF",
+                   help="print the order in which tokens were unmasked, or save it as .png / .gif")  # fmt: skip
+    return p
+
+
+def sampler_config(args: argparse.Namespace, task: str, answerer: Answerer) -> SamplerConfig:
+    """Return the sampler options: the task's defaults, overridden by the flags given."""
+    options = dict(TASK_DEFAULTS[task])
+    for name in ("gen_length", "block_length", "steps", "threshold"):
+        if getattr(args, name) is not None:
+            options[name] = getattr(args, name)
+    if args.factor is not None:
+        options.update(factor=args.factor, threshold=None)
+    if not options["threshold"]:
+        options["threshold"] = None
+    if args.gen_length is not None and args.block_length is None:
+        options["block_length"] = min(options["block_length"], args.gen_length)
+    if args.gen_length is not None and args.steps is None:
+        options["steps"] = args.gen_length
+    cache = ("prefix" if answerer.prefix_dlm else "none") if args.cache == "auto" else args.cache
+    prefix_dlm = answerer.prefix_dlm or cache == "prefix"
+    special = answerer.special
+    config = SamplerConfig(
+        **options, confidence=args.confidence, temperature=args.temperature, cache=cache, prefix_dlm=prefix_dlm,
+        early_stop=not args.no_early_stop, eos_id=special.eos, stop_ids=(special.eot,),
+    )  # fmt: skip
+    try:
+        config.validate()
+    except ValueError as error:
+        raise InferError(f"sampling options: {error}") from error
+    return config
+
+
+def requests_from(args: argparse.Namespace) -> tuple[str, list[dict]]:
+    """Return (task, requests): each {"id", "images": [path or image], "turns": LLaVA turns up to the question}."""
+    if args.input is None:
+        if args.image is None:
+            raise InferError("--image is required with --question / --caption")
+        if args.question is not None and not args.question.strip():
+            raise InferError("--question is empty: ask something about the image, or use --caption")
+        text = CAPTION_PROMPT if args.caption else args.question
+        turns = [{"from": "human", "value": "<image>\n" + text.strip()}]
+        image = load_image(args.image)  # before the model loads: a bad file fails fast
+        return ("caption" if args.caption else "vqa"), [{"id": "0", "images": [image], "turns": turns}]
+    task = "caption" if "caption" in Path(args.input).name else "vqa"
+    return task, llava_requests(args.input, args.image_folder)
+
+
+def run(args: argparse.Namespace) -> int:
+    torch.manual_seed(args.seed)
+    if args.batch_size < 1:
+        raise InferError(f"--batch-size {args.batch_size}: give at least 1")
+    task, requests = requests_from(args)
+    task = args.task or task
+    if args.show_steps not in (None, "-") and Path(args.show_steps).suffix.lower() not in (".png", ".gif"):
+        raise InferError(f"--show-steps {args.show_steps}: give a .png or .gif path, or no path to print the steps")
+    model, tokenizer = load_model(args.model, args.device)
+    answerer = Answerer(model, tokenizer)
+    config = sampler_config(args, task, answerer)
+    canvas = None
+    if args.template is not None:
+        canvas = answerer.template_canvas(args.template)
+        holes = int((canvas == answerer.special.mask).sum())
+        config.gen_length = config.block_length = canvas.shape[1]
+        config.steps, config.early_stop = holes, False
+    try:
+        out_file = open(args.output, "w", encoding="utf-8") if args.output else None  # noqa: SIM115
+    except OSError as error:
+        raise InferError(f"--output {args.output}: cannot write ({error.strerror})") from error
+    # leave=False: after an error, its one line is not left behind a half-drawn bar
+    bar = tqdm(total=len(requests), desc="answering", disable=args.input is None, file=sys.stderr, leave=False)
+    with bar, out_file or contextlib.nullcontext():
+        for start in range(0, len(requests), args.batch_size):
+            batch = requests[start : start + args.batch_size]
+            results, seconds = answer_batch(answerer, batch, config, canvas)
+            for request, result in zip(batch, results):
+                if out_file is not None:
+                    row = {"id": request["id"], "answer": result.text, "forward_passes": result.forward_passes,
+                           "tokens_per_forward": round(result.tokens_per_forward, 3), "seconds": round(seconds, 4)}
+                    out_file.write(json.dumps(row) + "\n")
+                else:
+                    print(result.text if args.input is None else f"{request['id']}\t{result.text}")
+                if args.show_steps is not None and request is requests[0]:
+                    show_steps(args.show_steps, result)
+            bar.update(len(batch))
+    return 0
+
+
+def answer_batch(answerer: Answerer, batch: list[dict], config: SamplerConfig, canvas) -> tuple[list[Answer], float]:
+    """Return the answers of a batch of requests and the seconds per request they took (images decoded first)."""
+    images = [[im if isinstance(im, Image.Image) else load_image(im, where=f"entry id={r['id']}: ")
+               for im in r["images"]] for r in batch]  # fmt: skip
+    began = time.perf_counter()
+    results = answerer.answer([r["turns"] for r in batch], images, config, canvas)
+    return results, (time.perf_counter() - began) / len(batch)
+
+
+def show_steps(target: str, result) -> None:
+    from mmdlm.infer.steps_viz import order_text, save_steps
+
+    if target == "-":
+        print(order_text(result.pieces, result.commit_step), file=sys.stderr)
+    else:
+        print(f"unmasking order written to {save_steps(target, result.pieces, result.commit_step)}", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except (InferError, DataError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

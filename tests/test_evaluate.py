@@ -1,0 +1,71 @@
+"""Metrics: the VQA normalisation and soft score, exact match, CIDEr, and the command's errors."""
+
+import json
+
+import pytest
+
+from mmdlm.infer.evaluate import caption_tokens, cider, exact_match, main, normalize_answer, score, vqa_score
+
+
+@pytest.mark.parametrize(
+    "raw, normal",
+    [
+        ("Two dogs!", "2 dogs"),
+        ("The Red Circle.", "red circle"),
+        ("black/white", "black white"),  # a mark inside a word becomes a space
+        ("yes, sir", "yes sir"),  # one touching a space is dropped
+        ("1,000 birds", "1000 birds"),  # digit-comma-digit: every mark dropped
+        ("1.5", "1.5"),
+        ("none", "0"),
+        ("dont know", "don't know"),
+        ("its well", "its well"),  # spellings that are words of their own stay
+        ("  an apple\n", "apple"),
+    ],
+)
+def test_vqa_normalisation(raw, normal):
+    assert normalize_answer(raw) == normal
+
+
+def test_soft_score_averages_leave_one_out_subsets():
+    refs = ["2"] * 3 + ["3"] * 7
+    # leaving a "2" out leaves 2 matches (2/3), leaving a "3" out leaves 3 (1): (3 * 2/3 + 7) / 10
+    assert vqa_score("two", refs) == pytest.approx(0.9)
+    assert vqa_score("3", refs) == 1.0
+    assert vqa_score("4", refs) == 0.0
+    assert vqa_score("Two.", ["2"]) == 1.0 and vqa_score("2 dogs", ["2"]) == 0.0  # one reference: exact match
+
+
+def test_exact_match_and_score_table():
+    assert exact_match("A red circle.", ["red circle", "blue"]) == 1.0
+    predictions = {"a": "yes", "b": "no"}
+    references = {"a": ["yes"], "b": ["yes"], "c": ["no"]}
+    assert score(predictions, references, "vqa") == {"vqa": 50.0}
+    assert score(predictions, references, "exact") == {"exact": 50.0}
+
+
+def test_cider_rewards_consensus():
+    refs = {"a": ["a red circle on the left"], "b": ["two blue squares"], "c": ["one green triangle"]}
+    perfect, per_item = cider({k: v[0] for k, v in refs.items()}, refs)
+    worse, _ = cider({"a": "a red circle", "b": "two green squares", "c": "one green triangle"}, refs)
+    # identical text scores 10 on each n-gram order it has (b and c have no 4-grams: 7.5)
+    assert per_item == pytest.approx({"a": 10.0, "b": 7.5, "c": 7.5}) and perfect == pytest.approx(25 / 3)
+    assert 0 < worse < perfect
+    assert caption_tokens("A red, circle.") == "a red circle"
+
+
+def test_command_scores_files_and_rejects_bad_ones(tmp_path, capsys):
+    refs = tmp_path / "qa.json"
+    refs.write_text(json.dumps([{"id": "q1", "conversations": [{"from": "human", "value": "<image>\nWhat?"},
+                                                                {"from": "gpt", "value": "Two"}]},
+                                {"id": "q2", "answers": ["red"] * 10}]))
+    preds = tmp_path / "answers.jsonl"
+    preds.write_text(json.dumps({"id": "q1", "answer": "2"}) + "\n" + json.dumps({"id": "q2", "answer": "blue"}) + "\n")
+    assert main(["--predictions", str(preds), "--references", str(refs)]) == 0
+    assert capsys.readouterr().out.strip() == "vqa: 50.00"
+    preds.write_text('{"id": "q1"}\n')
+    assert main(["--predictions", str(preds), "--references", str(refs)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "answers.jsonl line 1" in err[0] and "'answer'" in err[0]
+    preds.write_text(json.dumps({"id": "zz", "answer": "x"}))
+    assert main(["--predictions", str(preds), "--references", str(refs)]) == 2
+    assert "no reference" in capsys.readouterr().err

@@ -1,0 +1,234 @@
+"""infer.py: answers, captions, batches from a LLaVA file, templates, --show-steps, and bad input."""
+
+import io
+import json
+import struct
+import zlib
+
+import pytest
+import torch
+from PIL import Image
+
+from mmdlm.data.tokenizer import special_ids, train_demo_tokenizer
+from mmdlm.infer.evaluate import main as evaluate_main
+from mmdlm.infer.infer import TASK_DEFAULTS, Answerer, load_image, load_model, main
+from mmdlm.infer.steps_viz import canvases, order_text, save_steps
+from mmdlm.multimodal import build_model
+from mmdlm.sampling import SamplerConfig
+
+TEXTS = ["what colour is the circle?", "a red circle on the left", "Describe the image.", "how many squares"] * 20
+VISION = dict(backend="timm", model="vit_tiny_patch16_224", image_size=32, overrides=dict(depth=2))
+LM = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+          max_position_embeddings=96, initializer_range=0.3)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A random-init tiny model folder as training exports it: weights, config and tokenizer."""
+    folder = tmp_path_factory.mktemp("model")
+    tokenizer = train_demo_tokenizer(TEXTS, folder, vocab_size=300)
+    special = special_ids(tokenizer)
+    torch.manual_seed(0)
+    model = build_model(dict(vision=VISION, lm=LM), vocab_size=len(tokenizer), image_token_id=special.image,
+                        mask_token_id=special.mask)
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("images")
+    for k in range(3):
+        Image.effect_noise((40, 30 + 10 * k), 40 + 20 * k).convert("RGB").save(folder / f"{k}.png")
+    return folder
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """Return a PNG that declares width x height pixels but holds almost no data (a decompression bomb's shape)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit greyscale
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0")) + chunk(b"IEND", b"")
+
+
+def truncated_png() -> bytes:
+    buffer = io.BytesIO()
+    Image.effect_noise((64, 64), 60).convert("RGB").save(buffer, format="PNG")
+    return buffer.getvalue()[: len(buffer.getvalue()) // 2]
+
+
+def one_error_line(capsys) -> str:
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in captured.err, captured.err
+    assert lines[0].startswith("error: ")
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (None, "image not found"),
+        (b"", "image file is empty"),
+        (b"not an image at all", "is not an image Pillow can read"),
+        (truncated_png(), "truncated or corrupt"),
+        (png_header_only(20000, 20000), "too large to decode safely"),
+    ],
+)
+def test_bad_images_are_one_clear_line(tmp_path, capsys, content, message):
+    image = tmp_path / "a.png"
+    if content is not None:
+        image.write_bytes(content)
+    assert main(["--model", str(tmp_path), "--image", str(image), "--question", "What is it?"]) == 2
+    line = one_error_line(capsys)
+    assert message in line and "a.png" in line
+
+
+def test_empty_question_and_model_without_weights(tmp_path, capsys):
+    image = tmp_path / "a.png"
+    Image.new("RGB", (8, 8)).save(image)
+    assert main(["--model", str(tmp_path), "--image", str(image), "--question", "  "]) == 2
+    assert "--question is empty" in one_error_line(capsys)
+    (tmp_path / "config.json").write_text("{}")
+    assert main(["--model", str(tmp_path), "--image", str(image), "--question", "What?"]) == 2
+    assert "holds no weights" in one_error_line(capsys)
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    assert main(["--model", str(tmp_path), "--image", str(image), "--question", "What?"]) == 2
+    assert "no tokenizer.json" in one_error_line(capsys)
+    assert main(["--model", str(tmp_path / "nowhere"), "--image", str(image), "--caption"]) == 2
+    assert "model folder not found" in one_error_line(capsys)
+
+
+def test_steps_rendering(tmp_path):
+    pieces, steps = ["It", " is", " red", ".", "<eot>", "<eos>"], [0, 0, 2, 1, 3, -1]
+    assert canvases(pieces, steps) == [(0, "It is___"), (1, "It is_._"), (2, "It is red._"), (3, "It is red.<eot>")]
+    text = order_text(pieces, steps)
+    assert "forward   2: +1 ' red'" in text and "1 tail positions never decoded" in text
+    with Image.open(save_steps(tmp_path / "s.gif", pieces, steps)) as gif:
+        assert gif.n_frames == 4
+    with Image.open(save_steps(tmp_path / "s.png", pieces, steps)) as png:
+        assert png.height > png.width / 10
+
+
+def test_question_and_caption_answer_in_one_line(model_dir, images, capsys, tmp_path):
+    image = str(images / "0.png")
+    assert main(["--model", str(model_dir), "--image", image, "--question", "what colour is the circle?"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 1
+    gif = tmp_path / "steps.gif"
+    assert main(["--model", str(model_dir), "--image", image, "--caption", "--gen-length", "16", "--block-length",
+                 "8", "--show-steps", str(gif)]) == 0
+    assert f"unmasking order written to {gif}" in capsys.readouterr().err
+    with Image.open(gif) as frames:
+        assert frames.n_frames >= 2
+    assert main(["--model", str(model_dir), "--image", image, "--caption", "--gen-length", "8", "--show-steps"]) == 0
+    assert "forward   1: +" in capsys.readouterr().err
+
+
+def test_llava_file_in_batches_then_evaluate(model_dir, images, tmp_path, capsys):
+    entries = [{"id": f"q{k}", "image": f"{k}.png", "conversations": [
+        {"from": "human", "value": "<image>\n" + "what colour is the circle?" * (k + 1)},
+        {"from": "gpt", "value": "red"}]} for k in range(3)]  # fmt: skip
+    qa = images / "qa.json"
+    qa.write_text(json.dumps(entries))
+    questions_only = images / "questions.json"  # no reference answers: still answerable
+    question = entries[0]["conversations"][:1]
+    questions_only.write_text(json.dumps([{"id": "x", "image": "2.png", "conversations": question}]))
+    assert main(["--model", str(model_dir), "--input", str(questions_only)]) == 0
+    assert capsys.readouterr().out.startswith("x\t")
+    out = tmp_path / "answers.jsonl"
+    assert main(["--model", str(model_dir), "--input", str(qa), "--output", str(out), "--batch-size", "2"]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["id"] for r in rows] == ["q0", "q1", "q2"]
+    assert all(r["forward_passes"] >= 1 and r["tokens_per_forward"] >= 1 for r in rows)
+    capsys.readouterr()
+    assert evaluate_main(["--predictions", str(out), "--references", str(qa)]) == 0
+    assert capsys.readouterr().out.startswith("vqa: ")
+
+
+def test_batched_requests_equal_requests_run_alone(model_dir, images):
+    answerer = Answerer(*load_model(model_dir))
+    s = answerer.special
+    config = SamplerConfig(**TASK_DEFAULTS["vqa"], early_stop=True, eos_id=s.eos, stop_ids=(s.eot,))
+    turns = [[{"from": "human", "value": "<image>\n" + q}] for q in ("how many squares", "what colour is it? " * 4)]
+    pictures = [[load_image(images / "0.png")], [load_image(images / "1.png")]]
+    together = answerer.answer(turns, pictures, config)
+    for k in range(2):
+        alone = answerer.answer(turns[k : k + 1], pictures[k : k + 1], config)[0]
+        assert (alone.pieces, alone.commit_step) == (together[k].pieces, together[k].commit_step)
+
+
+def test_template_keeps_its_text_and_fills_its_holes(model_dir, images):
+    answerer = Answerer(*load_model(model_dir))
+    canvas = answerer.template_canvas("the circle is <mask><mask> on the left")
+    holes = (canvas[0] == answerer.special.mask).tolist()
+    assert sum(holes) == 2 and canvas[0, -1] == answerer.special.eot
+    config = SamplerConfig(gen_length=canvas.shape[1], block_length=canvas.shape[1], threshold=0.9)
+    turns = [[{"from": "human", "value": "<image>\nwhat colour is the circle?"}]]
+    answer = answerer.answer(turns, [[load_image(images / "0.png")]], config, canvas)[0]
+    fixed = [p for p, h in zip(answer.pieces, holes) if not h]
+    assert fixed == [answerer.tokenizer.decode([t]) for t, h in zip(canvas[0].tolist(), holes) if not h]
+    assert [s > 0 for s in answer.commit_step] == holes and answer.forward_passes <= 2
+    assert "<|mdm_mask|>" not in "".join(answer.pieces)  # threshold decoding never commits the mask itself
+
+
+def test_corrupt_weights_are_one_line(model_dir, images, tmp_path, capsys):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in model_dir.iterdir():
+        (broken / f.name).write_bytes(b"garbage" if f.suffix == ".safetensors" else f.read_bytes())
+    assert main(["--model", str(broken), "--image", str(images / "0.png"), "--caption"]) == 2
+    assert "cannot load the model" in one_error_line(capsys)
+
+
+def test_template_and_too_long_prompt_errors(model_dir, images, capsys):
+    image = str(images / "0.png")
+    assert main(["--model", str(model_dir), "--image", image, "--question", "what? " * 80]) == 2
+    assert "over the model's context of 96" in one_error_line(capsys)
+    assert main(["--model", str(model_dir), "--image", image, "--question", "what?", "--template", "no holes"]) == 2
+    assert "has no <mask> hole" in one_error_line(capsys)
+    assert main(["--model", str(model_dir), "--image", image, "--caption", "--block-length", "7"]) == 2
+    assert "not divisible by block_length=7" in one_error_line(capsys)
+    assert main(["--model", str(model_dir), "--input", str(images / "missing.json")]) == 2
+    assert "missing.json: file not found" in one_error_line(capsys)
+    bad = images / "bad.json"
+    for entry, message in [({"id": "e1", "image": "9.png", "conversations": [{"from": "human", "value": "hi"}]},
+                            "entry id=e1: image not found"),
+                           ({"id": "e2", "conversations": [{"from": "human", "value": "<image>"}]},
+                            "entry id=e2: 1 '<image>' placeholder(s) in the text but 0 image(s)"),
+                           ({"id": "e3", "conversations": [{"from": "human", "value": " "}]},
+                            "entry id=e3: no question to answer")]:  # fmt: skip
+        bad.write_text(json.dumps([entry]))
+        assert main(["--model", str(model_dir), "--input", str(bad)]) == 2
+        assert message in one_error_line(capsys)
+
+
+@pytest.fixture
+def one_thread():
+    """Benchmarks set torch's thread count for the process; give the other tests theirs back."""
+    threads = torch.get_num_threads()
+    yield ["--threads", "1"]
+    torch.set_num_threads(threads)
+
+
+def test_benchmark_runs_both_modes(model_dir, images, tmp_path, capsys, one_thread):
+    from mmdlm.infer import benchmark
+
+    assert benchmark.main(["--prefix-tokens", "8", "--hidden-size", "64", "--layers", "1", "--limit", "1",
+                           "--repeats", "1", *one_thread]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert "| prefix cache (exact) |" in out and out.count("x | 100% |") >= 3  # the exact cache: same tokens
+    test = tmp_path / "world" / "test"
+    test.mkdir(parents=True)
+    for name, question, answer in (("qa.json", "what colour?", "red"), ("captions.json", "Describe the image.",
+                                                                         "a red circle")):  # fmt: skip
+        entries = [{"id": f"{k}", "image": str(images / f"{k}.png"), "conversations": [
+            {"from": "human", "value": "<image>\n" + question}, {"from": "gpt", "value": answer}]} for k in range(2)]
+        (test / name).write_text(json.dumps(entries))
+    plot = tmp_path / "frontier.png"
+    assert benchmark.main(["--model", str(model_dir), "--data", str(tmp_path / "world"), "--limit", "1",
+                           "--repeats", "1", "--plot", str(plot), *one_thread]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert "| vanilla (1 token/step) |" in out and "| + prefix cache + threshold + early stop |" in out
+    assert "| caption frontier |" in out and plot.stat().st_size > 0
