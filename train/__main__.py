@@ -1,3 +1,3 @@
-from mmdlm.train.train import main
+from mmdlm.train.train import exit_now, main
 
-raise SystemExit(main())
+exit_now(main())

@@ -7,18 +7,24 @@ they differ in data, in which modules train (`trainable`) and in where the weigh
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
+
+from mmdlm.config import ConfigError
+
+MODULES = ("vision", "projector", "lm")
 
 
 @dataclass
 class DataConfig:
     json: list[str] = field(default_factory=list)  # LLaVA JSON files (conversations: SFT)
     image_folder: str | None = None  # None: each JSON's own folder
-    shards: str | None = None  # webdataset shards, brace pattern (documents: pretraining)
-    tokenizer: str = "runs/demo/world/tokenizer"  # local folder; a model folder's tokenizer wins when resuming
+    shards: str | None = None  # webdataset shards, brace pattern or folder (documents: pretraining)
+    tokenizer: str = "runs/demo/world/tokenizer"  # local folder; an init_from folder's own tokenizer wins
     max_length: int = 128
     num_workers: int = 0
     shuffle_buffer: int = 1000
     resampled: bool = False  # shards sampled with replacement (very large corpora, many nodes)
+    log_sample_ids: bool = False  # write <output_dir>/samples/rank<r>.jsonl: the ids of every micro-batch
 
 
 @dataclass
@@ -35,7 +41,7 @@ class OptimConfig:
 
 @dataclass
 class LoraConfig:
-    r: int = 0  # 0 = no LoRA (full fine-tuning)
+    r: int = 0  # 0 = no LoRA (full fine-tuning of the `trainable` modules)
     alpha: int = 16
     dropout: float = 0.0
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
@@ -56,27 +62,40 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
-    deepspeed: str = "configs/deepspeed/zero2.json"
+    deepspeed: str = "configs/deepspeed/zero2.json"  # ZeRO settings; numbers come from this config
     precision: str = "auto"  # auto: bf16 on GPU, fp32 on CPU
-    micro_batch_size: int = 16
+    micro_batch_size: int = 16  # per rank
     grad_accum: int = 1
-    max_steps: int = 300
+    max_steps: int = 300  # optimizer steps
     save_every: int = 100  # resumable checkpoint every N optimizer steps (0 = only at the end)
     keep_checkpoints: int = 2
     activation_checkpointing: bool = False
     output_dir: str = "runs/train"
     export_dir: str | None = None  # default: <output_dir>/model
     seed: int = 0
-    log_every: int = 10
+    log_every: int = 1  # metrics line every N optimizer steps
     max_nonfinite: int = 10  # consecutive non-finite losses before the run stops
 
     def validate(self) -> None:
-        unknown = set(self.trainable) - {"vision", "projector", "lm"}
+        """Raise ConfigError naming the field and the fix when the config cannot run."""
+        unknown = set(self.trainable) - set(MODULES)
         if unknown:
-            raise ValueError(f"trainable={self.trainable}: unknown modules {sorted(unknown)} (vision, projector, lm)")
+            raise ConfigError(f"trainable={self.trainable}: unknown modules {sorted(unknown)} (of {list(MODULES)})")
+        unknown = set(self.optim.lr_multipliers) - set(MODULES)
+        if unknown:
+            raise ConfigError(f"optim.lr_multipliers: unknown modules {sorted(unknown)} (of {list(MODULES)})")
         if self.objective not in ("diffusion", "autoregressive"):
-            raise ValueError(f"objective={self.objective!r} must be 'diffusion' or 'autoregressive'")
+            raise ConfigError(f"objective={self.objective!r} must be 'diffusion' or 'autoregressive'")
         if bool(self.data.json) == bool(self.data.shards):
-            raise ValueError("set exactly one of data.json (conversations) or data.shards (documents)")
+            raise ConfigError("set exactly one of data.json (conversations) or data.shards (documents)")
         if self.precision not in ("auto", "fp32", "bf16"):
-            raise ValueError(f"precision={self.precision!r} must be auto, fp32 or bf16")
+            raise ConfigError(f"precision={self.precision!r} must be auto, fp32 or bf16")
+        for name in ("micro_batch_size", "grad_accum", "max_steps", "log_every", "max_nonfinite", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.save_every < 0 or self.lora.r < 0:
+            raise ConfigError("save_every and lora.r must be >= 0")
+        if not Path(self.deepspeed).is_file():
+            raise ConfigError(f"deepspeed={self.deepspeed!r}: file not found (see configs/deepspeed/*.json)")
+        if self.init_from is None and not Path(self.model).is_file():
+            raise ConfigError(f"model={self.model!r}: file not found; give a configs/model/*.yaml or init_from")

@@ -1,10 +1,10 @@
 """Batches for training: each rank its own slice, in an order that a resumed run can replay exactly.
 
 Conversations (LLaVA JSON) are a map-style set: every epoch is a seeded permutation, dealt
-round-robin over the ranks, so the position in the data is one number (batches consumed) and a
-resumed run continues with the very next batch. Document shards stream through webdataset, split
-by node and worker; there the position is approximate (shards restart), as in every streaming
-pipeline.
+round-robin over the ranks, so the position in the data is one number (micro-batches consumed)
+and a resumed run continues with the very next batch. Document shards stream through
+webdataset, split by node and worker; there the position is approximate (the stream restarts and
+skips as many samples as were consumed), as in every streaming pipeline.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from torch.utils.data import ConcatDataset, DataLoader, Sampler
+from torch.utils.data import ConcatDataset, DataLoader, IterableDataset, Sampler, get_worker_info
 
 from mmdlm.data.collate import Collator
 from mmdlm.data.llava import LlavaDataset
@@ -26,7 +26,8 @@ class ResumableBatchSampler(Sampler[list[int]]):
 
     def __init__(self, size: int, batch_size: int, rank: int, world: int, seed: int, skip: int = 0):
         if size < batch_size * world:
-            raise ValueError(f"{size} samples cannot fill a batch of {batch_size} on each of {world} ranks")
+            raise ValueError(f"{size} samples cannot fill a batch of {batch_size} on each of {world} ranks: "
+                             "lower micro_batch_size or add data")
         self.size, self.batch_size, self.seed, self.skip = size, batch_size, seed, skip
         self.rank, self.world = rank, world
         self.per_epoch = size // (batch_size * world)  # drop the ragged tail so every rank has as many batches
@@ -41,32 +42,49 @@ class ResumableBatchSampler(Sampler[list[int]]):
             epoch, index = epoch + 1, 0
 
 
-def build_loader(cfg: TrainConfig, collator: Collator, rank: int, world: int, skip_batches: int) -> DataLoader:
-    """Return an endless DataLoader of collated batches for this rank."""
-    if cfg.data.json:
-        sets = [LlavaDataset(p, cfg.data.image_folder or Path(p).parent) for p in cfg.data.json]
-        dataset = ConcatDataset(sets) if len(sets) > 1 else sets[0]
-        sampler = ResumableBatchSampler(len(dataset), cfg.micro_batch_size, rank, world, cfg.seed, skip_batches)
-        return DataLoader(dataset, batch_sampler=sampler, collate_fn=collator, num_workers=cfg.data.num_workers)
-    stream = shard_pipeline(
-        cfg.data.shards, shuffle_buffer=cfg.data.shuffle_buffer, resampled=cfg.data.resampled, seed=cfg.seed + rank,
-        epoch_length=None, num_workers=cfg.data.num_workers,
-    )
-    return DataLoader(_forever(stream, skip_batches * cfg.micro_batch_size), batch_size=cfg.micro_batch_size,
-                      collate_fn=collator, num_workers=cfg.data.num_workers)
+class WithIds:
+    """Collate function: the Collator's batch plus `sample_ids` (list of str) for the data log."""
+
+    def __init__(self, collator: Collator):
+        self.collator = collator
+
+    def __call__(self, samples: list[dict | None]) -> dict:
+        batch = self.collator(samples)
+        batch["sample_ids"] = [str(s["id"]) for s in samples if s is not None]
+        return batch
 
 
-class _forever(torch.utils.data.IterableDataset):
-    """Repeat a finite stream epoch after epoch, skipping the first `skip` samples once."""
+class Forever(IterableDataset):
+    """Repeat a finite stream epoch after epoch, skipping `skip` samples (this rank's) once at the start."""
 
     def __init__(self, stream, skip: int):
         self.stream, self.skip = stream, skip
 
     def __iter__(self):
-        skip = self.skip
+        info = get_worker_info()
+        skip = self.skip // (info.num_workers if info else 1)  # each worker holds its share of the stream
         while True:
             for sample in self.stream:
                 if skip:
                     skip -= 1
                     continue
                 yield sample
+
+
+def build_loader(cfg: TrainConfig, collator: Collator, rank: int, world: int, skip_batches: int) -> DataLoader:
+    """Return an endless DataLoader of collated batches for this rank, after `skip_batches` of them."""
+    collate = WithIds(collator)
+    if cfg.data.json:
+        sets = [LlavaDataset(p, cfg.data.image_folder or Path(p).parent) for p in cfg.data.json]
+        dataset = ConcatDataset(sets) if len(sets) > 1 else sets[0]
+        sampler = ResumableBatchSampler(len(dataset), cfg.micro_batch_size, rank, world, cfg.seed, skip_batches)
+        return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.data.num_workers)
+    stream = shard_pipeline(
+        # One seed on every rank: it orders the shards before they are dealt out (resampled shards
+        # mix rank and worker into it themselves).
+        cfg.data.shards, shuffle_buffer=cfg.data.shuffle_buffer, resampled=cfg.data.resampled, seed=cfg.seed,
+        num_workers=cfg.data.num_workers,
+    )
+    return DataLoader(Forever(stream, skip_batches * cfg.micro_batch_size), batch_size=cfg.micro_batch_size,
+                      collate_fn=collate, num_workers=cfg.data.num_workers,
+                      persistent_workers=cfg.data.num_workers > 0)

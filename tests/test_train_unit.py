@@ -1,0 +1,198 @@
+"""The training layer's parts in one process: configs, data order, schedule, optimizer groups, guard, files."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from mmdlm.config import ConfigError, load_config
+from mmdlm.model import DiffusionLM, DLMConfig
+from mmdlm.multimodal import MMDLM, build_model
+from mmdlm.train import export as export_mod
+from mmdlm.train.build import deepspeed_config, lr_lambda, param_groups
+from mmdlm.train.checkpoint import MARKER, _prune, check_fresh_start, complete_checkpoints
+from mmdlm.train.config import TrainConfig
+from mmdlm.train.export import merge_lora, write_model_folder
+from mmdlm.train.loader import ResumableBatchSampler
+from mmdlm.train.metrics import MetricsLog, NonFiniteGuard, TrainingDiverged
+
+ROOT = Path(__file__).resolve().parents[1]
+STAGES = ["align", "pretrain", "sft", "finetune", "demo_align", "demo_sft"]
+
+
+def tiny_model() -> MMDLM:
+    torch.manual_seed(0)
+    return build_model(ROOT / "configs/model/tiny.yaml", vocab_size=64, image_token_id=6, mask_token_id=2)
+
+
+def test_batches_are_disjoint_across_ranks_and_resume_where_they_stopped():
+    a = ResumableBatchSampler(40, 4, rank=0, world=2, seed=3)
+    b = ResumableBatchSampler(40, 4, rank=1, world=2, seed=3)
+    first_a, first_b = next(iter(a)), next(iter(b))
+    assert not set(first_a) & set(first_b)
+    straight = [x for _, x in zip(range(12), iter(a))]  # crosses an epoch boundary (5 batches per epoch)
+    assert sorted(sum(straight[:5], []) + sum([x for _, x in zip(range(5), iter(b))], [])) == list(range(40))
+    resumed = [x for _, x in zip(range(5), iter(ResumableBatchSampler(40, 4, 0, 2, seed=3, skip=7)))]
+    assert resumed == straight[7:12]
+    with pytest.raises(ValueError, match="cannot fill a batch"):
+        ResumableBatchSampler(6, 4, 0, 2, 0)
+
+
+def test_schedule_warms_up_then_decays_to_the_floor():
+    cfg = TrainConfig(max_steps=100)
+    cfg.optim.warmup_steps, cfg.optim.min_lr_ratio = 10, 0.1
+    f = lr_lambda(cfg)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0) and f(10) == pytest.approx(1.0)
+    assert f(100) == pytest.approx(0.1) and f(55) == pytest.approx(0.55) and f(500) == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_stage_configs_load_and_differ_only_in_data_and_modules(stage):
+    cfg = load_config(TrainConfig, ROOT / f"configs/train/{stage}.yaml")
+    cfg.validate()
+    expected = {"align": ["projector"], "demo_align": ["projector"], "pretrain": ["projector", "lm"],
+                "sft": ["vision", "projector", "lm"], "finetune": ["projector", "lm"]}
+    if stage in expected:
+        assert cfg.trainable == expected[stage]
+    assert bool(cfg.data.shards) == (stage == "pretrain")
+    if stage == "sft":
+        assert cfg.optim.lr_multipliers["vision"] == 0.2  # LLaDA-V: the tower at a fifth of the LM's rate
+
+
+def test_deepspeed_files_hold_only_zero_settings_and_get_concrete_numbers():
+    stages = {}
+    for name in ["zero2", "zero3", "zero3_offload"]:
+        cfg = TrainConfig(deepspeed=str(ROOT / f"configs/deepspeed/{name}.json"), micro_batch_size=3, grad_accum=5,
+                          precision="fp32")
+        ds = deepspeed_config(cfg, world=4)
+        assert "auto" not in json.dumps(ds)
+        assert ds["train_batch_size"] == 60 and ds["gradient_accumulation_steps"] == 5
+        assert ds["gradient_clipping"] == cfg.optim.grad_clip and ds["bf16"] == {"enabled": False}
+        stages[name] = ds["zero_optimization"]
+    assert stages["zero2"]["stage"] == 2 and stages["zero3"]["stage"] == 3
+    assert stages["zero3"]["stage3_gather_16bit_weights_on_model_save"]
+    assert stages["zero3_offload"]["offload_optimizer"]["device"] == "cpu"
+    assert "slots=" in (ROOT / "configs/deepspeed/hostfile.example").read_text()
+
+
+def test_bad_configs_are_named(tmp_path):
+    with pytest.raises(ConfigError, match="unknown key"):
+        load_config(TrainConfig, ROOT / "configs/train/demo_sft.yaml", ["optim.learning_rate=1"])
+    for override, message in [("trainable=[decoder]", "unknown modules"), ("grad_accum=0", "grad_accum"),
+                              ("deepspeed=nope.json", "nope.json"), ("data.shards=x.tar", "exactly one"),
+                              ("optim.lr_multipliers={tower: 0.1}", "lr_multipliers")]:
+        cfg = load_config(TrainConfig, ROOT / "configs/train/demo_sft.yaml", [override])
+        with pytest.raises(ConfigError, match=message):
+            cfg.validate()
+    auto = tmp_path / "auto.json"
+    auto.write_text(json.dumps({"zero_optimization": {"stage": 2}, "gradient_clipping": "auto"}))
+    with pytest.raises(ConfigError, match="auto"):
+        deepspeed_config(TrainConfig(deepspeed=str(auto)), 1)
+
+
+def test_param_groups_hold_only_trainable_modules_at_their_rates():
+    model = tiny_model()
+    cfg = TrainConfig(trainable=["vision", "projector"])
+    cfg.optim.lr, cfg.optim.lr_multipliers = 1e-3, {"vision": 0.2}
+    for name in ("vision", "projector", "lm"):
+        getattr(model, name).requires_grad_(name in cfg.trainable)
+    groups = param_groups(model, cfg)
+    assert [g["name"] for g in groups] == ["vision", "projector"]
+    assert [g["lr"] for g in groups] == pytest.approx([2e-4, 1e-3])
+    assert sum(len(g["params"]) for g in groups) == len(list(model.vision.parameters())) + len(
+        list(model.projector.parameters()))
+    model.requires_grad_(False)
+    with pytest.raises(ConfigError, match="nothing to train"):
+        param_groups(model, cfg)
+
+
+def test_lora_merge_matches_peft():
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    lm = DiffusionLM(DLMConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                               num_attention_heads=2, num_key_value_heads=1))
+    peft_lm = get_peft_model(lm, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    for name, p in peft_lm.named_parameters():
+        if "lora_B" in name:  # peft starts B at zero: make the merge do something
+            p.data.normal_()
+    wrapped = {f"lm.{k}": v.clone() for k, v in peft_lm.state_dict().items()}
+    merged = merge_lora(wrapped, scale=8 / 4)
+    reference = {f"lm.{k}": v for k, v in peft_lm.merge_and_unload().state_dict().items()}
+    assert merged.keys() == reference.keys()
+    assert all(torch.allclose(merged[k], reference[k], atol=1e-6) for k in reference)
+    base = wrapped["lm.base_model.model.layers.0.attn.q_proj.base_layer.weight"]
+    assert not torch.allclose(merged["lm.layers.0.attn.q_proj.weight"], base, atol=1e-3)  # the merge did something
+
+
+def test_nonfinite_guard_skips_counts_and_stops():
+    guard = NonFiniteGuard(limit=3)
+    assert guard.check(True, "step 1") and not guard.check(False, "step 2") and not guard.check(False, "step 2")
+    assert guard.check(True, "step 2") and guard.total == 2 and guard.in_a_row == 0
+    guard.check(False, "step 3")
+    guard.check(False, "step 3")
+    with pytest.raises(TrainingDiverged, match="3 non-finite losses in a row at step 3 \\(5 in all\\)"):
+        guard.check(False, "step 3")
+
+
+def test_only_complete_checkpoints_count_and_pruning_keeps_the_newest(tmp_path):
+    for step, complete in [(2, True), (3, False), (4, True), (6, True), (8, False)]:
+        folder = tmp_path / f"step_{step:07d}"
+        folder.mkdir()
+        if complete:
+            (folder / MARKER).write_text(str(step))
+    assert [p.name for p in complete_checkpoints(tmp_path)] == ["step_0000002", "step_0000004", "step_0000006"]
+    with pytest.raises(ConfigError, match="--resume"):  # a fresh run must not write over (or under) these
+        check_fresh_start(tmp_path)
+    check_fresh_start(tmp_path / "elsewhere")
+    _prune(tmp_path, keep=2)
+    # the unfinished step 3 is stale; step 8 may be a save in progress of a later run: it stays
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_0000004", "step_0000006", "step_0000008"]
+
+
+def test_resumed_metrics_drop_the_lines_of_the_killed_run(tmp_path):
+    lines = [{"step": s, "loss": float(s)} for s in (1, 2, 3)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    log = MetricsLog(tmp_path, enabled=True, start_step=2, max_steps=4)
+    log.step({"step": 3, "loss": 9.0, "tokens": 10}, write=True)
+    log.close()
+    steps = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["loss"]) for r in steps] == [(1, 1.0), (2, 2.0), (3, 9.0)]
+    assert steps[-1]["tokens_per_s"] > 0
+
+
+def test_model_folder_is_sharded_when_large_and_loads(tmp_path, monkeypatch):
+    model = tiny_model()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    monkeypatch.setattr(export_mod, "SHARD_BYTES", 2**20)  # 1 MiB: several shards
+    out = write_model_folder(model.config, dict(state), None, tmp_path / "model")
+    shards = sorted(p.name for p in out.glob("model-*.safetensors"))
+    assert len(shards) > 1 and (out / "model.safetensors.index.json").is_file()
+    assert not (tmp_path / "model.tmp").exists()
+    loaded = MMDLM.from_pretrained(out).state_dict()
+    assert all(torch.equal(loaded[k], state[k]) for k in state)
+
+
+def test_tensorboard_gets_the_scalars_when_installed(tmp_path, monkeypatch):
+    import sys
+    import types
+
+    written = []
+
+    class FakeWriter:  # stands in for torch.utils.tensorboard.SummaryWriter (tensorboard is optional)
+        def __init__(self, log_dir, purge_step):
+            written.append(("open", Path(log_dir).name, purge_step))
+
+        def add_scalar(self, tag, value, step):
+            written.append((tag, value, step))
+
+        def close(self):
+            written.append(("close",))
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=FakeWriter))
+    log = MetricsLog(tmp_path, enabled=True, start_step=0, max_steps=2)
+    log.step({"step": 1, "loss": 2.5, "lr": 0.1, "tokens": 8, "loss_by_t": [None, 1.5, None, None]}, write=True)
+    log.close()
+    assert written[0] == ("open", "tensorboard", 1) and written[-1] == ("close",)
+    assert ("train/loss", 2.5, 1) in written and ("loss_by_t/1", 1.5, 1) in written

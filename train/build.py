@@ -1,0 +1,108 @@
+"""What a run is made of: tokenizer and model (frozen parts, LoRA), optimizer groups, schedule, DeepSpeed config.
+
+Freezing happens here, before `deepspeed.initialize`, and only trainable parameters reach the
+optimizer: ZeRO-3 then partitions frozen weights like any other but never gives them gradient or
+optimizer state (LLaVA-family code that freezes after wrapping is what breaks under ZeRO-3).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from mmdlm.config import ConfigError, apply_overrides, from_dict, load_yaml
+from mmdlm.data.tokenizer import load_tokenizer, special_ids
+from mmdlm.multimodal import MMDLM, ModelConfig, build_model
+from mmdlm.train.config import MODULES, TrainConfig
+
+
+def build(cfg: TrainConfig):
+    """Return (tokenizer, model in train mode): a saved folder when init_from is set, else the model YAML."""
+    has_own_tokenizer = cfg.init_from and (Path(cfg.init_from) / "tokenizer.json").is_file()
+    tokenizer = load_tokenizer(cfg.init_from if has_own_tokenizer else cfg.data.tokenizer)
+    ids = special_ids(tokenizer)
+    if cfg.init_from:
+        model = MMDLM.from_pretrained(cfg.init_from)
+    else:
+        spec = from_dict(ModelConfig, apply_overrides(load_yaml(cfg.model), list(cfg.model_overrides)), cfg.model)
+        model = build_model(spec, vocab_size=max(len(tokenizer), spec.lm.get("vocab_size", 0)),
+                            image_token_id=ids.image, mask_token_id=ids.mask)
+    if len(tokenizer) > model.lm.config.vocab_size:
+        raise ConfigError(f"tokenizer has {len(tokenizer)} tokens, the model only {model.lm.config.vocab_size}: "
+                          "use the tokenizer the model was trained with (data.tokenizer)")
+    if (cfg.objective == "autoregressive") != (model.lm.config.attention == "causal"):
+        raise ConfigError("objective=autoregressive needs lm.attention=causal (and diffusion needs bidirectional)")
+    model.config.image_token_id = ids.image
+    model.config.prefix_dlm = cfg.prefix_dlm or bool(getattr(model.config, "prefix_dlm", False))
+    model.lm.config.mask_token_id = ids.mask
+    for name in MODULES:
+        getattr(model, name).requires_grad_(name in cfg.trainable)
+    if cfg.lora.r > 0:
+        from peft import LoraConfig, get_peft_model
+
+        lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                          target_modules=list(cfg.lora.target_modules))
+        model.lm = get_peft_model(model.lm, lora)  # freezes the LM except the adapters
+    if cfg.activation_checkpointing:
+        model.set_activation_checkpointing(True)
+    return tokenizer, model.train()
+
+
+def param_groups(model: MMDLM, cfg: TrainConfig) -> list[dict]:
+    """Return optimizer groups of trainable parameters, one per top-level module with its lr multiplier."""
+    groups = []
+    for name in MODULES:
+        params = [p for p in getattr(model, name).parameters() if p.requires_grad]
+        if params:
+            groups.append({"params": params, "lr": cfg.optim.lr * cfg.optim.lr_multipliers.get(name, 1.0),
+                           "name": name})
+    if not groups:
+        raise ConfigError(f"nothing to train: trainable={cfg.trainable} and lora.r=0")
+    return groups
+
+
+def lr_lambda(cfg: TrainConfig):
+    """Return step -> lr factor: linear warmup, then cosine down to min_lr_ratio at max_steps."""
+    def factor(step: int) -> float:
+        if step < cfg.optim.warmup_steps:
+            return (step + 1) / cfg.optim.warmup_steps
+        progress = (step - cfg.optim.warmup_steps) / max(1, cfg.max_steps - cfg.optim.warmup_steps)
+        cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        return cfg.optim.min_lr_ratio + (1 - cfg.optim.min_lr_ratio) * cosine
+    return factor
+
+
+def use_bf16(cfg: TrainConfig) -> bool:
+    return cfg.precision == "bf16" or (cfg.precision == "auto" and torch.cuda.is_available())
+
+
+def deepspeed_config(cfg: TrainConfig, world: int) -> dict:
+    """Return the DeepSpeed config: the stage file plus concrete numbers from the training config.
+
+    A plain `deepspeed.initialize` does not resolve the HF Trainer's "auto" values, so every number
+    is written here and the JSON files hold only the ZeRO settings.
+    """
+    ds = json.loads(Path(cfg.deepspeed).read_text())
+    autos = [k for k, v in ds.items() if v == "auto"]
+    if autos:
+        raise ConfigError(f"{cfg.deepspeed}: 'auto' values {autos} only work with the HF Trainer; "
+                          "remove them, the training config sets batch size, clipping and precision")
+    ds.update(
+        train_micro_batch_size_per_gpu=cfg.micro_batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        train_batch_size=cfg.micro_batch_size * cfg.grad_accum * world,
+        gradient_clipping=cfg.optim.grad_clip,
+        bf16={"enabled": use_bf16(cfg)},
+    )
+    ds.setdefault("steps_per_print", 10**9)  # progress is ours (tqdm + metrics.jsonl), not DeepSpeed's
+    return ds
+
+
+def make_optimizer(model: MMDLM, cfg: TrainConfig):
+    """Return (AdamW over the trainable groups, warmup + cosine LambdaLR)."""
+    optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
+                                  weight_decay=cfg.optim.weight_decay)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
