@@ -37,6 +37,27 @@ def _unwrap_optional(tp: Any) -> Any:
     return tp
 
 
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Return `value` as scalar type `tp` (bool, int, float, str), or raise ConfigError naming the key.
+
+    YAML 1.1 reads `5e-4` (no dot) as a string, so numbers written that way are converted here
+    instead of failing later as a string in an arithmetic expression.
+    """
+    if tp not in (bool, int, float, str) or value is None or isinstance(value, tp) and not (
+            tp is int and isinstance(value, bool)):
+        return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float) and isinstance(value, str):
+        try:
+            return tp(value)
+        except ValueError:
+            pass
+    if tp is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")
+
+
 def from_dict(cls: type[T], data: dict[str, Any] | None, where: str = "config") -> T:
     """Return an instance of dataclass `cls` built from a (nested) dict; unknown keys raise."""
     data = dict(data or {})
@@ -49,6 +70,8 @@ def from_dict(cls: type[T], data: dict[str, Any] | None, where: str = "config") 
         tp = _unwrap_optional(types_[name])
         if dataclasses.is_dataclass(tp) and isinstance(value, dict):
             value = from_dict(tp, value, f"{where}.{name}")
+        else:
+            value = _coerce(value, tp, f"{where}.{name}")
         kwargs[name] = value
     return cls(**kwargs)
 

@@ -91,6 +91,18 @@ def test_bad_configs_are_named(tmp_path):
         deepspeed_config(TrainConfig(deepspeed=str(auto)), 1)
 
 
+def test_overrides_take_numbers_as_people_write_them():
+    # YAML 1.1 reads `5e-4` (no dot) as a string; the README's own example must still be a float.
+    cfg = load_config(TrainConfig, ROOT / "configs/train/demo_sft.yaml",
+                      ["optim.lr=5e-4", "optim.grad_clip=1", "max_steps=7"])
+    assert (cfg.optim.lr, cfg.optim.grad_clip, cfg.max_steps) == (5e-4, 1.0, 7)
+    assert type(cfg.optim.grad_clip) is float
+    with pytest.raises(ConfigError, match=r"optim\.lr: expected float, got 'fast'"):
+        load_config(TrainConfig, ROOT / "configs/train/demo_sft.yaml", ["optim.lr=fast"])
+    with pytest.raises(ConfigError, match="max_steps: expected int, got 1.5"):
+        load_config(TrainConfig, ROOT / "configs/train/demo_sft.yaml", ["max_steps=1.5"])
+
+
 def test_param_groups_hold_only_trainable_modules_at_their_rates():
     model = tiny_model()
     cfg = TrainConfig(trainable=["vision", "projector"])
