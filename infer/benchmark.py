@@ -99,14 +99,15 @@ def synthetic(args: argparse.Namespace) -> int:
     cfg = DLMConfig(vocab_size=512, hidden_size=args.hidden_size, intermediate_size=4 * args.hidden_size,
                     num_hidden_layers=args.layers, num_attention_heads=max(1, args.hidden_size // 64),
                     mask_token_id=511)  # fmt: skip
-    lm = DiffusionLM(cfg).eval().to(args.device)
+    dtype = getattr(torch, args.dtype)
+    lm = DiffusionLM(cfg).eval().to(args.device, dtype)
     prompt = 32
     prefixes = []
     for _ in range(args.limit):
         image = torch.randn(1, args.prefix_tokens, cfg.hidden_size) * 0.02
-        text = lm.get_input_embeddings()(torch.randint(0, 500, (1, prompt))).detach()
-        prefixes.append((torch.cat([image, text], 1).to(args.device), None))
-    print(f"random-init LM: hidden {cfg.hidden_size}, {cfg.num_hidden_layers} layers, {args.device}, "
+        text = lm.get_input_embeddings()(torch.randint(0, 500, (1, prompt), device=args.device)).detach()
+        prefixes.append((torch.cat([image.to(args.device, dtype), text], 1), None))
+    print(f"random-init LM: hidden {cfg.hidden_size}, {cfg.num_hidden_layers} layers, {args.device} {args.dtype}, "
           f"{torch.get_num_threads()} threads, {args.limit} samples, prefix-DLM attention in every row")  # fmt: skip
     for gen_length, block_length in ((16, 16), (64, 32)):
         base = SamplerConfig(gen_length=gen_length, block_length=block_length, steps=gen_length, prefix_dlm=True)
@@ -218,6 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hidden-size", type=int, default=256, help="synthetic run: width of the random-init LM")
     p.add_argument("--layers", type=int, default=4, help="synthetic run: depth of the random-init LM")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="synthetic run: weights dtype")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
     if args.model is None:

@@ -229,6 +229,16 @@ class DiffusionLM(PreTrainedModel):
         """Recompute each block's activations in the backward pass (memory for compute)."""
         self.gradient_checkpointing = enable
 
+    def compile_blocks(self) -> None:
+        """Compile every block with torch.compile, in place (one graph serves all of them).
+
+        On a GPU this fuses the elementwise work around the matmuls (RMSNorm, RoPE, SwiGLU), which
+        eager mode runs as separate memory-bound kernels. For training: sampling calls blocks with
+        varying cache arguments, which would recompile.
+        """
+        for block in self.layers:
+            block.compile()
+
     def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=None, **kwargs) -> None:
         # transformers' activation/gradient_checkpointing_enable() land here.
         self.gradient_checkpointing = enable

@@ -61,12 +61,16 @@ def compare(args, device: str, dtype: torch.dtype, sync) -> None:
     llama = bidirectional_llama(shape).to(device, dtype)
     n_params = sum(p.numel() for p in ours.parameters())
     assert n_params == sum(p.numel() for p in llama.parameters()), "the two models must have the same size"
+    if args.compile:  # both models, block by block, so the comparison stays like for like
+        ours.compile_blocks()
+        for layer in llama.model.layers:
+            layer.compile()
     assert_bidirectional("DiffusionLM", ours, shape["vocab_size"], device)
-    assert_bidirectional("Llama", lambda x: llama(x).logits, shape["vocab_size"], device)
+    assert_bidirectional("Llama", lambda x: llama(x, use_cache=False).logits, shape["vocab_size"], device)
     ids = torch.randint(0, shape["vocab_size"], (args.batch, args.seq), device=device)
     steps = {
         "mmdlm DiffusionLM": lambda: ours(ids).float().logsumexp(-1).mean().backward(),
-        "transformers Llama": lambda: llama(ids).logits.float().logsumexp(-1).mean().backward(),
+        "transformers Llama": lambda: llama(ids, use_cache=False).logits.float().logsumexp(-1).mean().backward(),
     }
     times = {name: [] for name in steps}
     for i in range(args.warmup + args.repeats):
@@ -80,7 +84,8 @@ def compare(args, device: str, dtype: torch.dtype, sync) -> None:
     tokens = args.batch * args.seq
     gpu = device == "cuda"
     print(f"{device} {str(dtype).removeprefix('torch.')}, {n_params / 1e6:.1f} M parameters, batch {args.batch} x "
-          f"{args.seq} tokens, fwd+bwd, median of {args.repeats}, {torch.get_num_threads()} threads")
+          f"{args.seq} tokens, fwd+bwd, median of {args.repeats}, {torch.get_num_threads()} threads, "
+          f"compile {args.compile}")
     print(f"{'model':<22}{'ms/step':>10}{'tokens/s':>12}" + (f"{'MFU':>8}" if gpu else ""))
     speed = {}
     for name, ts in times.items():
@@ -107,13 +112,15 @@ def zero_steps(args, device: str, sync) -> None:
     model = DiffusionLM(DLMConfig(**shape))
     if args.checkpointing:
         model.set_activation_checkpointing(True)
+    if args.compile:
+        model.compile_blocks()
     n_params = sum(p.numel() for p in model.parameters())
     bf16 = device == "cuda"
     ds = {"train_micro_batch_size_per_gpu": args.batch, "gradient_accumulation_steps": 1,
           "train_batch_size": args.batch * world, "gradient_clipping": 1.0, "bf16": {"enabled": bf16},
           "zero_optimization": {"stage": args.zero, "overlap_comm": True, "contiguous_gradients": True},
           "steps_per_print": 10**9}
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device == "cuda")  # as train/build.py
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds)
     ids = torch.randint(0, shape["vocab_size"] - 1, (args.batch, args.seq), device=engine.device)
     maskable = torch.ones_like(ids, dtype=torch.bool)
@@ -142,7 +149,8 @@ def zero_steps(args, device: str, sync) -> None:
         per_gpu = args.batch * args.seq / t.item()
         mfu = per_gpu * flops_per_token(shape, n_params, args.seq) / (args.peak_tflops * 1e12)
         print(f"ZeRO-{args.zero}, {world} ranks, {device} {'bf16' if bf16 else 'fp32'}, {n_params / 1e9:.2f} B "
-              f"parameters, micro-batch {args.batch} x {args.seq}, checkpointing {args.checkpointing}")
+              f"parameters, micro-batch {args.batch} x {args.seq}, checkpointing {args.checkpointing}, "
+              f"compile {args.compile}")
         print(f"step {t.item() * 1e3:.0f} ms, {per_gpu:.0f} tokens/s per rank" + (f", MFU {mfu:.1%}" if bf16 else ""))
         what = "CUDA max allocated" if device == "cuda" else "max resident set"
         print(f"peak memory per rank ({what}, GiB): " + " ".join(f"{p.item():.2f}" for p in peaks))
@@ -159,6 +167,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--bf16", action="store_true", help="compare in bf16 (GPU)")
     parser.add_argument("--zero", type=int, choices=(2, 3), help="full training steps under this ZeRO stage")
     parser.add_argument("--checkpointing", action="store_true", help="activation checkpointing (with --zero)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile each block (both models)")
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="for MFU (H100 SXM bf16 dense: 989)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

@@ -48,6 +48,8 @@ def build(cfg: TrainConfig):
         model.lm = get_peft_model(model.lm, lora)  # freezes the LM except the adapters
     if cfg.activation_checkpointing:
         model.set_activation_checkpointing(True)
+    if cfg.compile:
+        (model.lm.get_base_model() if cfg.lora.r > 0 else model.lm).compile_blocks()
     return tokenizer, model.train()
 
 
@@ -103,6 +105,7 @@ def deepspeed_config(cfg: TrainConfig, world: int) -> dict:
 
 def make_optimizer(model: MMDLM, cfg: TrainConfig):
     """Return (AdamW over the trainable groups, warmup + cosine LambdaLR)."""
+    # fused: one kernel for the whole update on GPU instead of a loop of foreach kernels.
     optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
-                                  weight_decay=cfg.optim.weight_decay)
+                                  weight_decay=cfg.optim.weight_decay, fused=torch.cuda.is_available())
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))

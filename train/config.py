@@ -70,6 +70,7 @@ class TrainConfig:
     save_every: int = 100  # resumable checkpoint every N optimizer steps (0 = only at the end)
     keep_checkpoints: int = 2
     activation_checkpointing: bool = False
+    compile: bool = False  # torch.compile each LM block (GPU: fuses elementwise kernels; first steps compile)
     output_dir: str = "runs/train"
     export_dir: str | None = None  # default: <output_dir>/model
     seed: int = 0
