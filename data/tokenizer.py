@@ -12,6 +12,7 @@ from pathlib import Path
 
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
+from transformers.utils import logging as hf_logging
 
 from mmdlm.data.errors import DataError
 
@@ -100,10 +101,16 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
             f"{path}: no tokenizer.json or tokenizer_config.json; pass the folder of a saved Hugging Face tokenizer "
             "(e.g. the LLaDA checkpoint folder, or DIR/tokenizer written by `mmdlm-data synth`)"
         )
+    verbosity = hf_logging.get_verbosity()
+    # In an exported model folder AutoTokenizer also reads the model's config.json and warns that
+    # it is not a tokenizer's: noise to a user, since the tokenizer files beside it are what loads.
+    hf_logging.set_verbosity_error()
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError) as error:
         raise DataError(f"{path}: cannot load the tokenizer: {error}") from error
+    finally:
+        hf_logging.set_verbosity(verbosity)
     if not isinstance(tokenizer, PreTrainedTokenizerFast):
         raise DataError(f"{path}: {type(tokenizer).__name__} is not a fast tokenizer; save it with tokenizer.json")
     add_special_tokens(tokenizer)
