@@ -24,6 +24,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from mmdlm.autoregressive import generate_autoregressive
 from mmdlm.data.errors import DataError
 from mmdlm.data.llava import entry_images, entry_name, read_json_list
 from mmdlm.data.synthetic import CAPTION_PROMPT
@@ -140,6 +141,7 @@ class Answerer:
         # Trained with prefix-DLM attention (LaViDa): then the prefix cache is exact and on by default.
         self.prefix_dlm = bool(getattr(model.config, "prefix_dlm", False))
         self.context = model.lm.config.max_position_embeddings
+        self.autoregressive = model.lm.config.attention == "causal"
         self.device = next(model.parameters()).device
 
     def prompt_ids(self, turns: list[dict], num_images: int) -> list[int]:
@@ -170,8 +172,13 @@ class Answerer:
                 f"model's context of {self.context}: shorten the question or lower --gen-length"
             )
         embeds, mask = self.prefix(prompts, images)
-        out = generate(self.model.lm, prefix_embeds=embeds, attention_mask=mask, mask_id=self.special.mask,
-                       config=config, canvas=None if canvas is None else canvas.to(self.device))  # fmt: skip
+        if self.autoregressive:  # the AR twin: left to right, one token per forward
+            if canvas is not None:
+                raise InferError("--template needs a diffusion model: the autoregressive twin cannot fill holes")
+            out = generate_autoregressive(self.model.lm, prefix_embeds=embeds, attention_mask=mask, config=config)
+        else:
+            out = generate(self.model.lm, prefix_embeds=embeds, attention_mask=mask, mask_id=self.special.mask,
+                           config=config, canvas=None if canvas is None else canvas.to(self.device))  # fmt: skip
         answers = []
         for row in range(len(prompts)):
             tokens, steps = out.tokens[row].tolist(), out.commit_step[row].tolist()

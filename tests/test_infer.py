@@ -232,3 +232,24 @@ def test_benchmark_runs_both_modes(model_dir, images, tmp_path, capsys, one_thre
     out = capsys.readouterr().out
     assert "| vanilla (1 token/step) |" in out and "| + prefix cache + threshold + early stop |" in out
     assert "| caption frontier |" in out and plot.stat().st_size > 0
+
+
+def test_the_autoregressive_twin_answers_left_to_right(tmp_path, images, capsys):
+    folder = tmp_path / "ar"
+    tokenizer = train_demo_tokenizer(TEXTS, folder, vocab_size=300)
+    special = special_ids(tokenizer)
+    torch.manual_seed(0)
+    model = build_model(dict(vision=VISION, lm={**LM, "attention": "causal"}), vocab_size=len(tokenizer),
+                        image_token_id=special.image, mask_token_id=special.mask)
+    model.save_pretrained(folder)
+    answerer = Answerer(*load_model(folder))
+    turns = [{"from": "human", "value": "<image>\nwhat colour is the circle?"}]
+    image = load_image(images / "0.png")
+    config = SamplerConfig(**{**TASK_DEFAULTS["vqa"], "gen_length": 6, "block_length": 6, "threshold": None,
+                              "steps": 6})
+    (answer,) = answerer.answer([turns], [[image]], config)
+    assert answer.commit_step == [1, 2, 3, 4, 5, 6]  # one token per forward, in order
+    assert answer.forward_passes == 6 and answer.tokens_per_forward == 1.0
+    assert main(["--model", str(folder), "--image", str(images / "0.png"), "--question", "what colour?",
+                 "--template", "It is <mask>."]) == 2
+    assert "autoregressive twin cannot fill holes" in capsys.readouterr().err
