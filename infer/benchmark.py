@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from mmdlm.autoregressive import generate_autoregressive
 from mmdlm.cache import KVCache
 from mmdlm.model import DiffusionLM, DLMConfig
 from mmdlm.sampling import SamplerConfig, generate
@@ -53,7 +54,16 @@ def ladder(base: SamplerConfig, cache: str, tau: float) -> list[tuple[str, Sampl
     ]
 
 
-def run_setting(lm, prefixes: list[tuple], mask_id: int, config: SamplerConfig, repeats: int = 1) -> dict:
+def diffusion(lm, embeds, mask, mask_id: int, config: SamplerConfig):
+    return generate(lm, prefix_embeds=embeds, attention_mask=mask, mask_id=mask_id, config=config)
+
+
+def autoregressive(lm, embeds, mask, mask_id: int, config: SamplerConfig):
+    return generate_autoregressive(lm, prefix_embeds=embeds, attention_mask=mask, config=config)
+
+
+def run_setting(lm, prefixes: list[tuple], mask_id: int, config: SamplerConfig, repeats: int = 1,
+                decode=diffusion) -> dict:
     """Return the answers (token lists up to their stop token) and per-sample means of one setting.
 
     Each sample runs `repeats` times and keeps its fastest time: on a shared machine, other
@@ -64,7 +74,7 @@ def run_setting(lm, prefixes: list[tuple], mask_id: int, config: SamplerConfig, 
         best = float("inf")
         for _ in range(repeats):
             began = time.perf_counter()
-            out = generate(lm, prefix_embeds=embeds, attention_mask=mask, mask_id=mask_id, config=config)
+            out = decode(lm, embeds, mask, mask_id, config)
             best = min(best, time.perf_counter() - began)
         seconds.append(best)
         answers.append(out.tokens[0, : out.lengths[0]].tolist())
@@ -81,8 +91,9 @@ def table(title: str, rows: list[dict], score_name: str) -> str:
     for r in rows:
         score = "" if r.get("score") is None else f"{r['score']:.2f}"
         speedup = rows[0]["latency_ms"] / r["latency_ms"]
+        same = "" if r["same"] is None else f"{r['same']:.0%}"  # no canvas to compare for the AR twin
         lines.append(f"| {r['name']} | {score} | {r['forwards']:.1f} | {r['tokens_per_forward']:.2f} | "
-                     f"{r['latency_ms']:.1f} | {speedup:.1f}x | {r['same']:.0%} |")  # fmt: skip
+                     f"{r['latency_ms']:.1f} | {speedup:.1f}x | {same} |")
     return "\n".join(lines)
 
 
@@ -149,37 +160,43 @@ def frontier_plot(path: Path, curves: dict[str, dict[str, list[tuple[float, floa
     fig.savefig(path, dpi=120)
 
 
-def measure(name: str, config: SamplerConfig, task: dict, reference: dict | None = None) -> dict:
+def measure(name: str, config: SamplerConfig, task: dict, reference: dict | None = None, decode=diffusion) -> dict:
     """Return one table row: run `config` on the task's prefixes, score the answers, compare with `reference`."""
     from mmdlm.infer.evaluate import score
 
     answerer, mask_id = task["answerer"], task["answerer"].special.mask
-    run_setting(answerer.model.lm, task["prefixes"][:1], mask_id, config)  # warm-up
-    result = run_setting(answerer.model.lm, task["prefixes"], mask_id, config, task["repeats"])
+    run_setting(answerer.model.lm, task["prefixes"][:1], mask_id, config, decode=decode)  # warm-up
+    result = run_setting(answerer.model.lm, task["prefixes"], mask_id, config, task["repeats"], decode)
     texts = {r["id"]: answerer.decode(a) for r, a in zip(task["requests"], result["answers"])}
     result["score"] = next(iter(score(texts, task["references"], task["metric"]).values()))
-    result["same"] = same_share(result["answers"], (reference or result)["answers"])
+    same = decode is diffusion
+    result["same"] = same_share(result["answers"], (reference or result)["answers"]) if same else None
     print(f"  {task['name']}: {name}: done", file=sys.stderr)
     return {"name": name, **result}
 
 
 def with_model(args: argparse.Namespace) -> int:
-    from mmdlm.infer.infer import Answerer, llava_requests, load_image, load_model
+    from mmdlm.infer.infer import Answerer, InferError, llava_requests, load_image, load_model
 
     torch.manual_seed(0)
     if args.threads:
         torch.set_num_threads(args.threads)
     answerer = Answerer(*load_model(args.model, args.device))
+    twin = Answerer(*load_model(args.baseline, args.device)) if args.baseline else None
+    if twin is not None and not twin.autoregressive:
+        raise InferError(f"--baseline {args.baseline} is not an autoregressive twin (lm.attention: causal)")
     special = answerer.special
     cache = args.cache
     curves, score_names = {}, {"vqa": "VQA accuracy", "caption": "CIDEr"}
     for name, (file, gen_length, block_length) in TASKS.items():
         requests = llava_requests(Path(args.data) / "test" / file, None)[: args.limit]
         began = time.perf_counter()
-        prefixes = []
+        prefixes, twin_prefixes = [], []
         for r in requests:
             images = [load_image(p) for p in r["images"]]
             prefixes.append(answerer.prefix([answerer.prompt_ids(r["turns"], len(images))], [images]))
+            if twin is not None:  # its own tower and projector make its own prefix
+                twin_prefixes.append(twin.prefix([twin.prompt_ids(r["turns"], len(images))], [images]))
         encode_ms = 1000 * (time.perf_counter() - began) / len(requests)
         task = dict(name=name, answerer=answerer, requests=requests, prefixes=prefixes, repeats=args.repeats,
                     references={r["id"]: [r["reference"]] for r in requests},
@@ -189,6 +206,10 @@ def with_model(args: argparse.Namespace) -> int:
         rows = []
         for label, config in ladder(base, cache, args.tau):
             rows.append(measure(label, config, task, rows[0] if rows else None))
+        if twin is not None:  # same questions, same canvas length, left to right with its KV cache
+            twin_task = dict(task, answerer=twin, prefixes=twin_prefixes)
+            rows.append(measure("autoregressive twin (KV cache)", replace(base, early_stop=True), twin_task,
+                                decode=autoregressive))
         print(f"\n{name}: {len(requests)} samples, image + prompt encoding {encode_ms:.1f} ms/sample (not included)")
         print(table(name, rows, score_names[name]), flush=True)
         fast = with_cache(replace(base, early_stop=True), cache)
@@ -210,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", help="model folder written by training (omit for the synthetic prefix-cache run)")
     p.add_argument("--data", help="demo world folder (its test/qa.json and test/captions.json)")
+    p.add_argument("--baseline", help="the autoregressive twin's model folder: one more row per task")
     p.add_argument("--limit", type=int, default=50, help="samples per task")
     p.add_argument("--cache", choices=["prefix", "block"], default="prefix", help="the cache of the fast rows")
     p.add_argument("--repeats", type=int, default=3, help="runs per sample; its fastest counts")

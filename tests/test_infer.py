@@ -36,6 +36,19 @@ def model_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def twin_dir(tmp_path_factory):
+    """The autoregressive twin of model_dir: the same sizes with causal attention."""
+    folder = tmp_path_factory.mktemp("twin")
+    tokenizer = train_demo_tokenizer(TEXTS, folder, vocab_size=300)
+    special = special_ids(tokenizer)
+    torch.manual_seed(0)
+    model = build_model(dict(vision=VISION, lm={**LM, "attention": "causal"}), vocab_size=len(tokenizer),
+                        image_token_id=special.image, mask_token_id=special.mask)
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
 def images(tmp_path_factory):
     folder = tmp_path_factory.mktemp("images")
     for k in range(3):
@@ -212,7 +225,7 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def test_benchmark_runs_both_modes(model_dir, images, tmp_path, capsys, one_thread):
+def test_benchmark_runs_both_modes(model_dir, twin_dir, images, tmp_path, capsys, one_thread):
     from mmdlm.infer import benchmark
 
     assert benchmark.main(["--prefix-tokens", "8", "--hidden-size", "64", "--layers", "1", "--limit", "1",
@@ -228,20 +241,16 @@ def test_benchmark_runs_both_modes(model_dir, images, tmp_path, capsys, one_thre
         (test / name).write_text(json.dumps(entries))
     plot = tmp_path / "frontier.png"
     assert benchmark.main(["--model", str(model_dir), "--data", str(tmp_path / "world"), "--limit", "1",
-                           "--repeats", "1", "--plot", str(plot), *one_thread]) == 0  # fmt: skip
+                           "--repeats", "1", "--plot", str(plot), "--baseline", str(twin_dir),
+                           *one_thread]) == 0  # fmt: skip
     out = capsys.readouterr().out
     assert "| vanilla (1 token/step) |" in out and "| + prefix cache + threshold + early stop |" in out
+    assert out.count("| autoregressive twin (KV cache) |") == 2  # one row per task
     assert "| caption frontier |" in out and plot.stat().st_size > 0
 
 
-def test_the_autoregressive_twin_answers_left_to_right(tmp_path, images, capsys):
-    folder = tmp_path / "ar"
-    tokenizer = train_demo_tokenizer(TEXTS, folder, vocab_size=300)
-    special = special_ids(tokenizer)
-    torch.manual_seed(0)
-    model = build_model(dict(vision=VISION, lm={**LM, "attention": "causal"}), vocab_size=len(tokenizer),
-                        image_token_id=special.image, mask_token_id=special.mask)
-    model.save_pretrained(folder)
+def test_the_autoregressive_twin_answers_left_to_right(twin_dir, images, capsys):
+    folder = twin_dir
     answerer = Answerer(*load_model(folder))
     turns = [{"from": "human", "value": "<image>\nwhat colour is the circle?"}]
     image = load_image(images / "0.png")
