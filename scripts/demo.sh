@@ -12,7 +12,9 @@ mkdir -p "$out"
 say() { printf '\n== %s\n' "$*"; }
 
 say "1/4 demo world -> $out/world"
-mmdlm-data synth --out "$out/world" --n 2000 --seed 0
+# 20,000 training scenes: with 2,000 the model memorised its training images (training loss 0.14)
+# and answered held-out questions at chance.
+mmdlm-data synth --out "$out/world" --n 20000 --n-val 200 --n-test 300 --seed 0
 
 say "2/4 training (align, then sft)"
 rm -rf "$out/align" "$out/sft"

@@ -22,30 +22,26 @@ LM = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attenti
           max_position_embeddings=96, initializer_range=0.3)
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    """A random-init tiny model folder as training exports it: weights, config and tokenizer."""
-    folder = tmp_path_factory.mktemp("model")
+def saved_model(folder, attention: str):
+    """Return `folder` holding a random-init tiny model as training exports it: weights, config and tokenizer."""
     tokenizer = train_demo_tokenizer(TEXTS, folder, vocab_size=300)
     special = special_ids(tokenizer)
     torch.manual_seed(0)
-    model = build_model(dict(vision=VISION, lm=LM), vocab_size=len(tokenizer), image_token_id=special.image,
-                        mask_token_id=special.mask)
+    model = build_model(dict(vision=VISION, lm={**LM, "attention": attention}), vocab_size=len(tokenizer),
+                        image_token_id=special.image, mask_token_id=special.mask)
     model.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return saved_model(tmp_path_factory.mktemp("model"), "bidirectional")
 
 
 @pytest.fixture(scope="module")
 def twin_dir(tmp_path_factory):
     """The autoregressive twin of model_dir: the same sizes with causal attention."""
-    folder = tmp_path_factory.mktemp("twin")
-    tokenizer = train_demo_tokenizer(TEXTS, folder, vocab_size=300)
-    special = special_ids(tokenizer)
-    torch.manual_seed(0)
-    model = build_model(dict(vision=VISION, lm={**LM, "attention": "causal"}), vocab_size=len(tokenizer),
-                        image_token_id=special.image, mask_token_id=special.mask)
-    model.save_pretrained(folder)
-    return folder
+    return saved_model(tmp_path_factory.mktemp("twin"), "causal")
 
 
 @pytest.fixture(scope="module")
