@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from mmdlm.cache import KVCache
-from mmdlm.sampling import SampleOutput, SamplerConfig, add_gumbel_noise
+from mmdlm.sampling import SampleOutput, SamplerConfig, add_gumbel_noise, stopped
 
 
 @torch.no_grad()
@@ -63,7 +63,7 @@ def generate_autoregressive(
             break
         start += length
         inputs = {"input_ids": next_token[:, None]}
-    hit = torch.isin(tokens, stop_ids) if len(stop_ids) else torch.zeros_like(tokens, dtype=torch.bool)
-    lengths = torch.where(hit.any(1), hit.long().argmax(1), G)
+    # The canvas holds no mask id (-1 matches nothing), so `stopped` gives each row's first stop token.
+    lengths = stopped(tokens, -1, stop_ids)[1] if len(stop_ids) else torch.full((B,), G, device=device)
     row_forwards = (commit_step > 0).sum(1)
     return SampleOutput(tokens, forwards, commit_step, row_forwards, lengths)

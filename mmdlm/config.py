@@ -43,18 +43,22 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     YAML 1.1 reads `5e-4` (no dot) as a string, so numbers written that way are converted here
     instead of failing later as a string in an arithmetic expression.
     """
-    if tp not in (bool, int, float, str) or value is None or isinstance(value, tp) and not (
-            tp is int and isinstance(value, bool)):
+    if tp not in (bool, int, float, str) or value is None:
         return value
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+    if isinstance(value, bool) or tp is bool:  # bool is an int to Python, never to a config
+        if isinstance(value, bool) and tp is bool:
+            return value
+    elif isinstance(value, tp):
+        return value
+    elif tp is float and isinstance(value, int):
         return float(value)
-    if tp in (int, float) and isinstance(value, str):
+    elif tp is str and isinstance(value, (int, float)):
+        return str(value)
+    elif isinstance(value, str):  # tp is int or float
         try:
             return tp(value)
         except ValueError:
             pass
-    if tp is str and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return str(value)
     raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")
 
 
