@@ -245,6 +245,16 @@ def test_benchmark_runs_both_modes(model_dir, twin_dir, images, tmp_path, capsys
     assert "| caption frontier |" in out and plot.stat().st_size > 0
 
 
+def test_benchmark_refuses_a_diffusion_model_as_baseline(model_dir, tmp_path, capsys, one_thread):
+    from mmdlm.infer import benchmark
+
+    code = benchmark.main(["--model", str(model_dir), "--baseline", str(model_dir), "--data", str(tmp_path),
+                           "--limit", "1", *one_thread])  # fmt: skip
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "is not an autoregressive twin" in err and "Traceback" not in err
+
+
 def test_the_autoregressive_twin_answers_left_to_right(twin_dir, images, capsys):
     folder = twin_dir
     answerer = Answerer(*load_model(folder))
