@@ -104,11 +104,6 @@ class LlavaDataset(Dataset):
     def __len__(self) -> int:
         return len(self.entries)
 
-    def lengths(self, image_tokens: int) -> list[int]:
-        """Return each entry's approximate length in tokens (4 characters a token), for length grouping."""
-        return [sum(len(t["value"]) for t in e["conversations"]) // 4 + image_tokens * len(entry_images(e))
-                for _, e in self.entries]  # fmt: skip
-
     def __getitem__(self, index: int) -> dict | None:
         position, entry = self.entries[index]
         paths = entry_images(entry)

@@ -39,24 +39,6 @@ def test_batches_are_disjoint_across_ranks_and_resume_where_they_stopped():
         ResumableBatchSampler(6, 4, 0, 2, 0)
 
 
-def test_length_grouped_batches_are_homogeneous_cover_the_epoch_and_resume():
-    lengths = [10 + k % 3 if k % 2 else 100 + k % 5 for k in range(96)]  # short answers and long captions
-    ranks = [ResumableBatchSampler(96, 4, rank, 2, seed=1, lengths=lengths, group=6) for rank in (0, 1)]
-    epochs = [[r.epoch(e) for r in ranks] for e in (0, 1)]
-    for mine, theirs in epochs:
-        assert sorted(i for batch in mine + theirs for i in batch) == list(range(96))  # each sample once
-        # a global batch (both ranks' micro-batches) is all short or all long, but for at most one per
-        # sorted run of 6 (where the short ones end): 2 such runs per epoch
-        mixed = [len({lengths[i] >= 100 for i in a + b}) == 2 for a, b in zip(mine, theirs)]
-        assert sum(mixed) <= 2
-        assert {lengths[a[0]] >= 100 for a in mine} == {True, False}
-    assert epochs[0][0] != epochs[1][0]  # a new permutation every epoch
-    straight = [x for _, x in zip(range(16), iter(ranks[0]))]  # 12 batches per epoch: crosses into epoch 1
-    assert straight == epochs[0][0] + epochs[1][0][:4]
-    resumed = ResumableBatchSampler(96, 4, 0, 2, seed=1, skip=10, lengths=lengths, group=6)
-    assert [x for _, x in zip(range(6), iter(resumed))] == straight[10:16]
-
-
 def test_schedule_warms_up_then_decays_to_the_floor():
     cfg = TrainConfig(max_steps=100)
     cfg.optim.warmup_steps, cfg.optim.min_lr_ratio = 10, 0.1

@@ -22,7 +22,6 @@ class DataConfig:
     tokenizer: str = "runs/demo/world/tokenizer"  # local folder; an init_from folder's own tokenizer wins
     max_length: int = 128
     num_workers: int = 0
-    group_by_length: bool = False  # conversations: batch samples of similar length together (LLaVA's option)
     shuffle_buffer: int = 1000
     resampled: bool = False  # shards sampled with replacement (very large corpora, many nodes)
     log_sample_ids: bool = False  # write <output_dir>/samples/rank<r>.jsonl: the ids of every micro-batch

@@ -22,43 +22,23 @@ from mmdlm.train.config import TrainConfig
 
 
 class ResumableBatchSampler(Sampler[list[int]]):
-    """Yield this rank's batches of indices forever, starting after `skip` batches.
+    """Yield this rank's batches of indices forever, starting after `skip` batches."""
 
-    With `lengths`, batches are grouped by length (LLaVA's group_by_length): each run of
-    `group` global batches of the epoch's permutation is sorted by length and cut into batches,
-    and the epoch's batches are then shuffled. Short and long samples (one-word answers, long
-    captions) stop sharing batches: less padding to compute and, in SFT, a short answer is no
-    longer one target among dozens of EOS pads in its sequence's loss.
-    """
-
-    def __init__(self, size: int, batch_size: int, rank: int, world: int, seed: int, skip: int = 0,
-                 lengths: list[int] | None = None, group: int = 64):  # fmt: skip
+    def __init__(self, size: int, batch_size: int, rank: int, world: int, seed: int, skip: int = 0):
         if size < batch_size * world:
             raise ValueError(f"{size} samples cannot fill a batch of {batch_size} on each of {world} ranks: "
                              "lower micro_batch_size or add data")
-        if lengths is not None and len(lengths) != size:
-            raise ValueError(f"{len(lengths)} lengths for {size} samples")
         self.size, self.batch_size, self.seed, self.skip = size, batch_size, seed, skip
-        self.rank, self.world, self.lengths, self.group = rank, world, lengths, group
+        self.rank, self.world = rank, world
         self.per_epoch = size // (batch_size * world)  # drop the ragged tail so every rank has as many batches
-
-    def epoch(self, epoch: int) -> list[list[int]]:
-        """Return this rank's batches of one epoch."""
-        generator = torch.Generator().manual_seed(self.seed + epoch)
-        order = torch.randperm(self.size, generator=generator).tolist()
-        if self.lengths is None:
-            mine = order[self.rank :: self.world]
-            return [mine[b * self.batch_size : (b + 1) * self.batch_size] for b in range(self.per_epoch)]
-        span = self.batch_size * self.world  # one global batch: a micro-batch on every rank
-        order, chunk = order[: self.per_epoch * span], span * self.group
-        order = [i for c in range(0, len(order), chunk) for i in sorted(order[c : c + chunk], key=self.lengths.__getitem__)]
-        shuffled = torch.randperm(self.per_epoch, generator=generator).tolist()
-        return [order[b * span : (b + 1) * span][self.rank :: self.world] for b in shuffled]
 
     def __iter__(self) -> Iterator[list[int]]:
         epoch, index = divmod(self.skip, self.per_epoch)
         while True:
-            yield from self.epoch(epoch)[index:]
+            order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
+            mine = order[self.rank :: self.world]
+            for b in range(index, self.per_epoch):
+                yield mine[b * self.batch_size : (b + 1) * self.batch_size]
             epoch, index = epoch + 1, 0
 
 
@@ -97,11 +77,7 @@ def build_loader(cfg: TrainConfig, collator: Collator, rank: int, world: int, sk
     if cfg.data.json:
         sets = [LlavaDataset(p, cfg.data.image_folder or Path(p).parent) for p in cfg.data.json]
         dataset = ConcatDataset(sets) if len(sets) > 1 else sets[0]
-        lengths = None
-        if cfg.data.group_by_length:
-            lengths = [n for d in sets for n in d.lengths(collator.num_image_tokens)]
-        sampler = ResumableBatchSampler(len(dataset), cfg.micro_batch_size, rank, world, cfg.seed, skip_batches,
-                                        lengths)  # fmt: skip
+        sampler = ResumableBatchSampler(len(dataset), cfg.micro_batch_size, rank, world, cfg.seed, skip_batches)
         return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.data.num_workers)
     stream = shard_pipeline(
         # One seed on every rank: it orders the shards before they are dealt out (resampled shards
