@@ -20,8 +20,7 @@ def _synth(args: argparse.Namespace) -> int:
 
     n_val = args.n_val if args.n_val is not None else max(1, args.n // 10)
     n_test = args.n_test if args.n_test is not None else max(1, args.n // 10)
-    options = WorldOptions(noise=args.noise, occlusion=args.occlusion, vocab_size=args.vocab_size,
-                           questions_per_scene=args.questions_per_scene)
+    options = WorldOptions(noise=args.noise, occlusion=args.occlusion, vocab_size=args.vocab_size)
     start = time.perf_counter()
     out = synthesize(args.out, args.n, n_val, n_test, seed=args.seed, image_size=args.image_size, options=options)
     seconds = time.perf_counter() - start
@@ -59,8 +58,6 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--image-size", type=int, default=64)
     synth.add_argument("--noise", type=float, default=0.03, help="pixel noise std as a fraction of 255")
     synth.add_argument("--occlusion", type=float, default=0.0, help="probability that a shape overlaps a neighbour")
-    synth.add_argument("--questions-per-scene", type=int, default=1,
-                       help="training scenes: questions per image, as turns of one conversation")
     synth.add_argument("--vocab-size", type=int, default=512, help="size of the demo BPE vocabulary")
     synth.set_defaults(run=_synth)
 

@@ -41,7 +41,6 @@ class Question:
     kind: str  # one of QUESTION_TYPES
     text: str
     answer: str
-    key: tuple = ()  # the attributes it names, as QuestionSampler draws them
 
 
 class Deck:
@@ -101,62 +100,6 @@ def question_text(kind: str, key: tuple) -> str:
     if kind == "position":
         return f"Is the {key[0]} {key[1]} on the left or the right?"
     return f"Is there a {key[0]} {key[1]}?"
-
-
-def scene_questions(
-    things: list[Thing], rng: random.Random, k: int, first: tuple[str, tuple] | None = None
-) -> list[Question]:
-    """Return up to `k` more questions that `things` answers unambiguously, one type after another.
-
-    These are the extra turns of a training scene (`questions_per_scene`): more answers per image.
-    Unlike the balanced first question, their answers follow the scene's statistics, except that
-    at most one existence question is asked, "yes" or "no" by a coin flip. No question gives
-    another's answer away ("Is the red circle on the left?" and "What shape is the red object?"
-    never share a conversation); `first` is the (kind, key) of the question already asked.
-    """
-    by_shape = {s: [t for t in things if t.shape == s] for s in SHAPES}
-    by_colour = {c: [t for t in things if t.colour == c] for c in COLOURS}
-    present = {(t.colour, t.shape) for t in things}
-    unique = [t for t in things if sum((u.colour, u.shape) == (t.colour, t.shape) for u in things) == 1]
-    exists = rng.random() < 0.5 or len(present) == len(COLOURS) * len(SHAPES)
-    pool = {
-        "colour": [((s,), found[0].colour) for s, found in by_shape.items() if len(found) == 1],
-        "shape": [((c,), found[0].shape) for c, found in by_colour.items() if len(found) == 1],
-        "count": [(("colour", c), str(len(f))) for c, f in by_colour.items() if 1 <= len(f) <= len(COUNTS)]
-        + [(("shape", s), str(len(f))) for s, f in by_shape.items() if 1 <= len(f) <= len(COUNTS)],
-        "position": [((t.colour, t.shape), "left" if t.col == 0 else "right") for t in unique if t.col != 1],
-        "existence": [((c, s), "yes" if exists else "no") for c in COLOURS for s in SHAPES
-                      if ((c, s) in present) == exists],
-    }  # fmt: skip
-    for options in pool.values():
-        rng.shuffle(options)
-    kinds = list(QUESTION_TYPES)
-    rng.shuffle(kinds)
-    asked = [] if first is None else [first]
-    questions: list[Question] = []
-    for _ in range(k):
-        for kind in kinds:
-            for n, (key, answer) in enumerate(pool[kind]):
-                if len(questions) < k and all((kind, key) != a and not _gives_away((kind, key), a, present) for a in asked):
-                    asked.append((kind, key))
-                    questions.append(Question(kind, question_text(kind, key), answer, key))
-                    pool[kind] = [] if kind == "existence" else pool[kind][n + 1 :]
-                    break
-    return questions
-
-
-def _gives_away(a: tuple[str, tuple], b: tuple[str, tuple], present: set) -> bool:
-    """Return whether one of two questions about the same scene gives the other's answer away."""
-    for (kind, key), (other, named) in ((a, b), (b, a)):
-        if other in ("position", "existence") and named in present:  # names an object of the scene
-            if (kind == "colour" and key[0] == named[1]) or (kind == "shape" and key[0] == named[0]):
-                return True
-            if kind in ("position", "existence") and key == named:  # "Is there ...?" after "Is the ... left?"
-                return True
-        if kind == "count" and other in ("colour", "shape"):  # "the circle" presupposes one circle
-            if key == (("shape",) if other == "colour" else ("colour",)) + named:
-                return True
-    return False
 
 
 def _random_thing(rng: random.Random, cells: list, allowed) -> Thing:

@@ -1,8 +1,7 @@
 """The demo world on disk: train / val / test splits of drawn scenes as LLaVA JSON, shards and a tokenizer.
 
     OUT/{train,val,test}/images/*.png   the scenes
-    OUT/{split}/qa.json                 a balanced question per scene, the image before it (train: and
-                                        questions_per_scene - 1 more turns about the same image)
+    OUT/{split}/qa.json                 one question per entry, the image before the question
     OUT/{split}/captions.json           "Describe the image." -> caption, same images
     OUT/{split}/shards/docs-000000.tar  interleaved documents of 2-3 scenes with text between them
     OUT/tokenizer/                      byte-level BPE trained on all the text above
@@ -18,8 +17,7 @@ import random
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from mmdlm.data.scenes import COLOURS, QUESTION_TYPES, SHAPES, Question, QuestionSampler, build_scene, caption, draw_scene
-from mmdlm.data.scenes import scene_questions
+from mmdlm.data.scenes import COLOURS, QUESTION_TYPES, SHAPES, QuestionSampler, build_scene, caption, draw_scene
 from mmdlm.data.scenes import question_text as make_question
 from mmdlm.data.shards import write_interleaved_shards
 from mmdlm.data.tokenizer import train_demo_tokenizer
@@ -36,9 +34,6 @@ class WorldOptions:
     occlusion: float = 0.0  # probability that a shape may overlap its neighbour
     vocab_size: int = 512
     docs_per_shard: int = 100
-    # Training scenes only: ask up to this many questions of each image, as turns of one
-    # conversation (the balanced question first). Validation and test keep one balanced question.
-    questions_per_scene: int = 1
 
 
 def split_seed(seed: int, split: str) -> int:
@@ -46,11 +41,8 @@ def split_seed(seed: int, split: str) -> int:
     return random.Random(f"mmdlm-world-{seed}-{split}").getrandbits(63)
 
 
-def _conversation(question: str, answer: str, more: list[Question] = ()) -> list[dict]:
-    turns = [{"from": "human", "value": "<image>\n" + question}, {"from": "gpt", "value": answer}]
-    for q in more:
-        turns += [{"from": "human", "value": q.text}, {"from": "gpt", "value": q.answer}]
-    return turns
+def _conversation(question: str, answer: str) -> list[dict]:
+    return [{"from": "human", "value": "<image>\n" + question}, {"from": "gpt", "value": answer}]
 
 
 def _document(key: str, scenes: list[tuple[Path, list]]) -> dict:
@@ -80,15 +72,12 @@ def synthesize_split(split_dir: Path, split: str, n: int, seed: int, options: Wo
         relative = f"images/{index:06d}.png"
         image.save(split_dir / relative)
         question, described = make_question(kind, key), caption(things)
-        more = []
-        if split == "train" and options.questions_per_scene > 1:
-            more = scene_questions(things, rng, options.questions_per_scene - 1, first=(kind, key))
         qa.append({"id": f"{split}-qa-{index:06d}", "image": relative, "question_type": kind,
-                   "conversations": _conversation(question, answer, more)})  # fmt: skip
+                   "conversations": _conversation(question, answer)})  # fmt: skip
         captions.append({"id": f"{split}-cap-{index:06d}", "image": relative,
                          "conversations": _conversation(CAPTION_PROMPT, described)})  # fmt: skip
         scenes.append((split_dir / relative, things))
-        texts += [question, answer, described, *(q.text for q in more)]
+        texts += [question, answer, described]
     (split_dir / "qa.json").write_text(json.dumps(qa, indent=1))
     (split_dir / "captions.json").write_text(json.dumps(captions, indent=1))
     docs, start = [], 0

@@ -11,7 +11,6 @@ from PIL import Image
 
 from mmdlm.data.cli import main
 from mmdlm.data.scenes import _ANSWERS, COLOURS, GRID, QUESTION_TYPES, QuestionSampler, build_scene, caption, draw_scene
-from mmdlm.data.scenes import _gives_away, scene_questions
 from mmdlm.data.shards import shard_pipeline
 from mmdlm.data.synthetic import SPLITS, split_seed, synthesize
 from mmdlm.data.tokenizer import load_tokenizer, special_ids
@@ -120,41 +119,6 @@ def test_scene_answers_are_true():
         assert len({(t.row, t.col) for t in things}) == len(things)  # one thing per cell
         assert oracle(things, kind, key) == answer
         assert caption(things).count(" a ") + 1 == len(things)
-
-
-def test_more_questions_per_scene_are_true_and_give_nothing_away():
-    rng = random.Random(4)
-    sampler = QuestionSampler(rng)
-    sizes = Counter()
-    for _ in range(500):
-        kind, key, answer = sampler.draw()
-        things = build_scene(rng, kind, key, answer)
-        more = scene_questions(things, rng, 4, first=(kind, key))
-        sizes[len(more)] += 1
-        asked = [(kind, key)] + [(q.kind, q.key) for q in more]
-        assert len(set(asked)) == len(asked) and [q.kind for q in more].count("existence") <= 1
-        present = {(t.colour, t.shape) for t in things}
-        for q in more:
-            assert q.answer == oracle(things, q.kind, q.key) and q.answer in _ANSWERS[q.kind]
-            assert not any(_gives_away((q.kind, q.key), other, present) for other in asked if other != (q.kind, q.key))
-    assert sizes[4] > 250  # most scenes have four more questions to ask
-    # the give-away rule itself: naming the red circle tells the shape of the only red object
-    assert _gives_away(("shape", ("red",)), ("position", ("red", "circle")), {("red", "circle")})
-    assert not _gives_away(("shape", ("red",)), ("existence", ("red", "circle")), set())  # "no": names nothing
-
-
-def test_training_scenes_ask_several_questions(tmp_path):
-    from mmdlm.data.synthetic import WorldOptions
-
-    world = synthesize(tmp_path, 30, 5, 5, seed=1, options=WorldOptions(questions_per_scene=3))
-    turns = [len(e["conversations"]) // 2 for e in load_qa(world, "train")]
-    assert max(turns) == 3 and min(turns) >= 2
-    assert all(len(e["conversations"]) == 2 for split in ("val", "test") for e in load_qa(world, split))
-    for entry in load_qa(world, "train"):
-        roles = [t["from"] for t in entry["conversations"]]
-        assert roles == ["human", "gpt"] * (len(roles) // 2)
-        assert entry["conversations"][0]["value"].startswith("<image>\n")
-        assert all("<image>" not in t["value"] for t in entry["conversations"][1:])
 
 
 def test_draw_scene_colours_where_the_things_are():
