@@ -221,6 +221,8 @@ def with_model(args: argparse.Namespace) -> int:
             f"threshold tau ({cache} cache, early stop)": [(r["latency_ms"], r["score"], r["name"]) for r in taus],
             f"fixed steps ({cache} cache, early stop)": [(r["latency_ms"], r["score"], r["name"]) for r in steps],
         }
+        if twin is not None:
+            curves[name]["autoregressive twin"] = [(rows[-1]["latency_ms"], rows[-1]["score"], "AR twin")]
         print(table(f"{name} frontier", [rows[0], *taus, *steps], score_names[name]), flush=True)
     frontier_plot(Path(args.plot), curves, score_names)
     print(f"\nfrontier plot: {args.plot}")
