@@ -40,17 +40,23 @@ def with_cache(config: SamplerConfig, cache: str) -> SamplerConfig:
     return replace(config, cache=cache, prefix_dlm=config.prefix_dlm or cache == "prefix")
 
 
-def ladder(base: SamplerConfig, cache: str, tau: float) -> list[tuple[str, SamplerConfig]]:
-    """Return the settings from vanilla LLaDA (one token per forward, no cache) to all speedups at once."""
+def ladder(base: SamplerConfig, tau: float) -> list[tuple[str, SamplerConfig]]:
+    """Return the settings from vanilla LLaDA (one token per forward, no cache) to all speedups at once.
+
+    Both caches appear alone and combined with threshold decoding and early stop: the prefix
+    cache is the exact one, the block cache the faster one when the prefix is short.
+    """
     fast = replace(base, threshold=tau)
     prefix = "prefix cache" if base.prefix_dlm else "prefix cache (prefix-DLM attention)"
+    stop = replace(fast, early_stop=True)
     return [
         ("vanilla (1 token/step)", base),
         (f"+ {prefix}", with_cache(base, "prefix")),
         ("+ block cache (DualCache)", with_cache(base, "block")),
         (f"+ threshold {tau}", fast),
-        (f"+ {cache} cache + threshold", with_cache(fast, cache)),
-        (f"+ {cache} cache + threshold + early stop", with_cache(replace(fast, early_stop=True), cache)),
+        (f"+ threshold {tau} + early stop", stop),
+        ("+ prefix cache + threshold + early stop", with_cache(stop, "prefix")),
+        ("+ block cache + threshold + early stop", with_cache(stop, "block")),
     ]
 
 
@@ -186,7 +192,7 @@ def with_model(args: argparse.Namespace) -> int:
     if twin is not None and not twin.autoregressive:
         raise InferError(f"--baseline {args.baseline} is not an autoregressive twin (lm.attention: causal)")
     special = answerer.special
-    cache = args.cache
+    cache = args.cache if args.cache != "auto" else ("prefix" if answerer.prefix_dlm else "block")
     curves, score_names = {}, {"vqa": "VQA accuracy", "caption": "CIDEr"}
     for name, (file, gen_length, block_length) in TASKS.items():
         requests = llava_requests(Path(args.data) / "test" / file, None)[: args.limit]
@@ -204,7 +210,7 @@ def with_model(args: argparse.Namespace) -> int:
         base = SamplerConfig(gen_length=gen_length, block_length=block_length, steps=gen_length,
                              prefix_dlm=answerer.prefix_dlm, eos_id=special.eos, stop_ids=(special.eot,))  # fmt: skip
         rows = []
-        for label, config in ladder(base, cache, args.tau):
+        for label, config in ladder(base, args.tau):
             rows.append(measure(label, config, task, rows[0] if rows else None))
         if twin is not None:  # same questions, same canvas length, left to right with its KV cache
             twin_task = dict(task, answerer=twin, prefixes=twin_prefixes)
@@ -235,7 +241,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", help="demo world folder (its test/qa.json and test/captions.json)")
     p.add_argument("--baseline", help="the autoregressive twin's model folder: one more row per task")
     p.add_argument("--limit", type=int, default=50, help="samples per task")
-    p.add_argument("--cache", choices=["prefix", "block"], default="prefix", help="the cache of the fast rows")
+    p.add_argument("--cache", choices=["auto", "prefix", "block"], default="auto",
+                   help="the frontier's cache (auto: prefix for a model trained with prefix-DLM attention, else block)")
     p.add_argument("--repeats", type=int, default=3, help="runs per sample; its fastest counts")
     p.add_argument("--tau", type=float, default=0.9, help="threshold of the ladder's fast rows")
     p.add_argument("--plot", default="frontier.png", help="where to save the quality/speed frontier")

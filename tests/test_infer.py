@@ -241,6 +241,7 @@ def test_benchmark_runs_both_modes(model_dir, twin_dir, images, tmp_path, capsys
                            *one_thread]) == 0  # fmt: skip
     out = capsys.readouterr().out
     assert "| vanilla (1 token/step) |" in out and "| + prefix cache + threshold + early stop |" in out
+    assert out.count("| + block cache + threshold + early stop |") == 2  # the fast cache for a short prefix
     assert out.count("| autoregressive twin (KV cache) |") == 2  # one row per task
     assert "| caption frontier |" in out and plot.stat().st_size > 0
 
