@@ -7,7 +7,7 @@ With a model: for VQA (WORLD/test/qa.json) and captions (WORLD/test/captions.jso
 setting, the score (VQA accuracy / CIDEr), forward passes and tokens per forward per sample, the
 sampler's latency per sample (batch 1, fastest of --repeats runs, the image encoding excluded: it
 is the same for all), and the share of answers identical to vanilla sampling (the block cache's
-error); then sweeps tau and steps into a quality/speed frontier saved as a PNG. Without a model
+error); then sweeps tau, the factor rule and steps into a quality/speed frontier saved as a PNG. Without a model
 it measures the caches alone on a random-init LM after `--prefix-tokens` image embeddings, at
 equal steps (prefix-DLM attention in every row, so the prefix cache gives identical tokens).
 On a machine shared with other jobs, `--threads 1` keeps the ratios stable: with more threads,
@@ -31,6 +31,7 @@ from mmdlm.model import DiffusionLM, DLMConfig
 from mmdlm.sampling import SamplerConfig, generate
 
 TAUS = (0.5, 0.7, 0.8, 0.9, 0.95, 0.99)
+FACTORS = (1.0, 2.0, 4.0)  # Fast-dLLM's factor rule: the top n while (n + 1)(1 - c_n) <= factor
 STEP_DIVISORS = (1, 2, 4)  # the steps curve: gen_length / d steps over the whole answer
 TASKS = {"vqa": ("qa.json", 16, 16), "caption": ("captions.json", 64, 32)}  # file, gen_length, block_length
 
@@ -220,16 +221,18 @@ def with_model(args: argparse.Namespace) -> int:
         print(table(name, rows, score_names[name]), flush=True)
         fast = with_cache(replace(base, early_stop=True), cache)
         taus = [measure(f"tau {t}", replace(fast, threshold=t), task, rows[0]) for t in TAUS]
+        factors = [measure(f"factor {f:g}", replace(fast, factor=f), task, rows[0]) for f in FACTORS]
         steps = [measure(f"steps {gen_length // d}", replace(fast, steps=gen_length // d), task, rows[0])
                  for d in STEP_DIVISORS]  # fmt: skip
         curves[name] = {
             "vanilla (no cache, 1 token/step)": [(rows[0]["latency_ms"], rows[0]["score"], "vanilla")],
             f"threshold tau ({cache} cache, early stop)": [(r["latency_ms"], r["score"], r["name"]) for r in taus],
+            f"factor rule ({cache} cache, early stop)": [(r["latency_ms"], r["score"], r["name"]) for r in factors],
             f"fixed steps ({cache} cache, early stop)": [(r["latency_ms"], r["score"], r["name"]) for r in steps],
         }
         if twin is not None:
             curves[name]["autoregressive twin"] = [(rows[-1]["latency_ms"], rows[-1]["score"], "AR twin")]
-        print(table(f"{name} frontier", [rows[0], *taus, *steps], score_names[name]), flush=True)
+        print(table(f"{name} frontier", [rows[0], *taus, *factors, *steps], score_names[name]), flush=True)
     frontier_plot(Path(args.plot), curves, score_names)
     print(f"\nfrontier plot: {args.plot}")
     return 0
