@@ -81,7 +81,8 @@ def test_bad_configs_are_named(tmp_path):
         load_config(TrainConfig, ROOT / "configs/train/demo_sft.yaml", ["optim.learning_rate=1"])
     for override, message in [("trainable=[decoder]", "unknown modules"), ("grad_accum=0", "grad_accum"),
                               ("deepspeed=nope.json", "nope.json"), ("data.shards=x.tar", "exactly one"),
-                              ("optim.lr_multipliers={tower: 0.1}", "lr_multipliers")]:
+                              ("optim.lr_multipliers={tower: 0.1}", "lr_multipliers"),
+                              ("model_overrides=[lm.attention=causal]", "init_from")]:  # demo_sft starts from align
         cfg = load_config(TrainConfig, ROOT / "configs/train/demo_sft.yaml", [override])
         with pytest.raises(ConfigError, match=message):
             cfg.validate()

@@ -100,3 +100,6 @@ class TrainConfig:
             raise ConfigError(f"deepspeed={self.deepspeed!r}: file not found (see configs/deepspeed/*.json)")
         if self.init_from is None and not Path(self.model).is_file():
             raise ConfigError(f"model={self.model!r}: file not found; give a configs/model/*.yaml or init_from")
+        if self.init_from is not None and self.model_overrides:
+            raise ConfigError(f"model_overrides={self.model_overrides} edit the model YAML, but init_from="
+                              f"{self.init_from!r} builds the model from its own config.json: drop one of them")
