@@ -7,9 +7,10 @@ With a model: for VQA (WORLD/test/qa.json) and captions (WORLD/test/captions.jso
 setting, the score (VQA accuracy / CIDEr), forward passes and tokens per forward per sample, the
 sampler's latency per sample (batch 1, fastest of --repeats runs, the image encoding excluded: it
 is the same for all), and the share of answers identical to vanilla sampling (the block cache's
-error); then sweeps tau, the factor rule and steps into a quality/speed frontier saved as a PNG. Without a model
-it measures the caches alone on a random-init LM after `--prefix-tokens` image embeddings, at
-equal steps (prefix-DLM attention in every row, so the prefix cache gives identical tokens).
+error); then sweeps tau, the factor rule and steps into a quality/speed frontier saved as a PNG.
+Without a model it measures the caches alone on a random-init LM after `--prefix-tokens` image
+embeddings, at equal steps (prefix-DLM attention in every row, so the prefix cache gives
+identical tokens).
 On a machine shared with other jobs, `--threads 1` keeps the ratios stable: with more threads,
 every small kernel waits on descheduled worker threads.
 """
