@@ -147,6 +147,11 @@ def synthetic(args: argparse.Namespace) -> int:
     return 0
 
 
+def point(row: dict, label: str | None = None) -> tuple[float, float, str]:
+    """Return a table row as a point of the frontier plot: (latency, score, label)."""
+    return row["latency_ms"], row["score"], label or row["name"]
+
+
 def frontier_plot(path: Path, curves: dict[str, dict[str, list[tuple[float, float, str]]]], score_names: dict) -> None:
     """Save score against latency per sample, one panel per task, one line per swept option."""
     import matplotlib
@@ -221,19 +226,19 @@ def with_model(args: argparse.Namespace) -> int:
         print(f"\n{name}: {len(requests)} samples, image + prompt encoding {encode_ms:.1f} ms/sample (not included)")
         print(table(name, rows, score_names[name]), flush=True)
         fast = with_cache(replace(base, early_stop=True), cache)
-        taus = [measure(f"tau {t}", replace(fast, threshold=t), task, rows[0]) for t in TAUS]
-        factors = [measure(f"factor {f:g}", replace(fast, factor=f), task, rows[0]) for f in FACTORS]
-        steps = [measure(f"steps {gen_length // d}", replace(fast, steps=gen_length // d), task, rows[0])
-                 for d in STEP_DIVISORS]  # fmt: skip
-        curves[name] = {
-            "vanilla (no cache, 1 token/step)": [(rows[0]["latency_ms"], rows[0]["score"], "vanilla")],
-            f"threshold tau ({cache} cache, early stop)": [(r["latency_ms"], r["score"], r["name"]) for r in taus],
-            f"factor rule ({cache} cache, early stop)": [(r["latency_ms"], r["score"], r["name"]) for r in factors],
-            f"fixed steps ({cache} cache, early stop)": [(r["latency_ms"], r["score"], r["name"]) for r in steps],
+        sweeps = {
+            "threshold tau": [(f"tau {t}", replace(fast, threshold=t)) for t in TAUS],
+            "factor rule": [(f"factor {f:g}", replace(fast, factor=f)) for f in FACTORS],
+            "fixed steps": [(f"steps {gen_length // d}", replace(fast, steps=gen_length // d)) for d in STEP_DIVISORS],
         }
+        swept = {line: [measure(n, c, task, rows[0]) for n, c in settings] for line, settings in sweeps.items()}
+        curves[name] = {"vanilla (no cache, 1 token/step)": [point(rows[0], "vanilla")]}
+        for line, results in swept.items():
+            curves[name][f"{line} ({cache} cache, early stop)"] = [point(r) for r in results]
         if twin is not None:
-            curves[name]["autoregressive twin"] = [(rows[-1]["latency_ms"], rows[-1]["score"], "AR twin")]
-        print(table(f"{name} frontier", [rows[0], *taus, *factors, *steps], score_names[name]), flush=True)
+            curves[name]["autoregressive twin"] = [point(rows[-1], "AR twin")]
+        frontier = [rows[0], *(r for results in swept.values() for r in results)]
+        print(table(f"{name} frontier", frontier, score_names[name]), flush=True)
     frontier_plot(Path(args.plot), curves, score_names)
     print(f"\nfrontier plot: {args.plot}")
     return 0
