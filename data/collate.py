@@ -10,6 +10,12 @@ A conversation sample ({"images", "conversations"}) is encoded with LLaDA's chat
 document ({"segments"}) as BOS + text and image runs + EOS. `mode` decides the padding: "sft" pads
 with EOS that is attended and maskable (LLaDA's SFT: the model learns to end its answer with EOS
 runs), "pretrain" pads with the pad id, unattended and never masked.
+
+`sft_padding="mask"` changes the SFT padding: one EOS closes the answer (a target, so the sampler
+learns where to stop), and the rest of the row is the mask token, attended but never a target.
+Training then looks like the sampler's canvas (masks after the answer) without making a one-word
+answer 1 of ~50 targets whose other 49 are EOS (LLaDA's padding: the word gets a 50th of the row's
+loss when captions share the batch).
 """
 
 from __future__ import annotations
@@ -24,6 +30,9 @@ from transformers import PreTrainedTokenizerFast
 
 from mmdlm.data.errors import DataError, DataWarning
 from mmdlm.data.template import ChatEncoder, expand_image_runs
+
+
+SFT_PADDINGS = ("eos", "mask")
 
 
 @dataclass
@@ -44,9 +53,13 @@ class Collator:
         mode: str = "sft",
         pad_to_multiple_of: int | None = None,
         empty_image_size: int = 64,
+        sft_padding: str = "eos",
     ):
         if mode not in ("sft", "pretrain"):
             raise ValueError(f"mode must be 'sft' or 'pretrain', got {mode!r}")
+        if sft_padding not in SFT_PADDINGS:
+            raise ValueError(f"sft_padding must be one of {SFT_PADDINGS}, got {sft_padding!r}")
+        self.sft_padding = sft_padding
         self.chat = ChatEncoder(tokenizer)
         self.special = self.chat.special
         self.image_transform = image_transform
@@ -177,7 +190,11 @@ class Collator:
             input_ids[row, :n] = torch.tensor(item.ids, dtype=torch.long)
             maskable[row, :n] = torch.tensor(item.maskable, dtype=torch.bool)
             attention_mask[row, : length if sft else n] = True
-            maskable[row, n:] = sft and item.clean_end
+            if sft and self.sft_padding == "mask":
+                input_ids[row, n + 1 :] = self.special.mask
+                maskable[row, n : n + 1] = item.clean_end  # the one EOS that ends the answer (if there is room)
+            else:
+                maskable[row, n:] = sft and item.clean_end
             prompt_length[row] = item.maskable.index(True)
         return {
             "input_ids": input_ids,

@@ -9,6 +9,7 @@ image is the only way to the answer.
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -155,6 +156,28 @@ def caption(things: list[Thing]) -> str:
     parts = [f"a {t.size} {t.colour} {t.shape} {PLACES[(t.row, t.col)]}" for t in sorted(things, key=_cell)]
     text = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
     return text + "."
+
+
+CELL_ATTRIBUTES = {"colour": tuple(COLOURS), "shape": SHAPES, "size": SIZES}  # class 0 of each = empty cell
+_CAPTION_PART = re.compile(r"a (%s) (%s) (%s) (%s)" % tuple(
+    "|".join(values) for values in (SIZES, COLOURS, SHAPES, sorted(PLACES.values(), key=len, reverse=True))))
+
+
+def cell_labels(text: str) -> list[list[int]]:
+    """Return [GRID*GRID cells][colour, shape, size] class ids of a templated caption (0 = empty cell).
+
+    The demo world's own supervision for its tower-pretraining stage: its captions name every
+    object's size, colour, shape and cell. ValueError when the caption is not one of the world's.
+    """
+    cell_of = {phrase: row * GRID + col for (row, col), phrase in PLACES.items()}
+    labels = [[0, 0, 0] for _ in range(GRID * GRID)]
+    parts = _CAPTION_PART.findall(text)
+    if not parts:
+        raise ValueError(f"not a demo-world caption: {text[:80]!r}")
+    for size, colour, shape, place in parts:
+        labels[cell_of[place]] = [CELL_ATTRIBUTES["colour"].index(colour) + 1, SHAPES.index(shape) + 1,
+                                  SIZES.index(size) + 1]
+    return labels
 
 
 def _cell(thing: Thing) -> tuple[int, int]:

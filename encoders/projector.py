@@ -3,6 +3,11 @@
 `mlp2x_gelu` is LLaVA-1.5's (Linear-GELU-Linear); `linear` is LLaVA-1's. `pool: 2` averages
 2x2 neighbourhoods of the patch grid first (LaViDa's token compression: SigLIP's 27x27 = 729
 tokens become 14x14 = 196; a window hanging over an odd edge averages the cells it covers).
+`grid: G` instead averages the patch grid down to exactly G x G tokens (adaptive pooling), so one
+token covers one region of the image whatever the tower's resolution: the demo world's 3x3 grid
+of cells becomes 9 tokens, one per cell. `pos_embed: true` adds a learned embedding per image
+token (ViT-style), so the LM knows where in the image each token lies without decoding it from
+the 1-D rotary positions of a run.
 """
 
 from __future__ import annotations
@@ -19,12 +24,14 @@ from torch import nn
 class ProjectorConfig:
     type: str = "mlp2x_gelu"  # "mlp2x_gelu" | "linear"
     pool: int = 1  # side of the average-pooling window over the patch grid (1 = none)
+    grid: int = 0  # average the patch grid down to grid x grid tokens (0 = keep it; excludes pool)
+    pos_embed: bool = False  # add a learned embedding per image token
 
 
 class Projector(nn.Module):
     """Vision features [N, T, C] -> (optionally pooled) LM-width tokens [N, num_tokens(T), D]."""
 
-    def __init__(self, cfg: ProjectorConfig, vision_width: int, lm_width: int):
+    def __init__(self, cfg: ProjectorConfig, vision_width: int, lm_width: int, vision_tokens: int | None = None):
         super().__init__()
         if cfg.type == "mlp2x_gelu":
             self.proj = nn.Sequential(nn.Linear(vision_width, lm_width), nn.GELU(), nn.Linear(lm_width, lm_width))
@@ -32,24 +39,34 @@ class Projector(nn.Module):
             self.proj = nn.Linear(vision_width, lm_width)
         else:
             raise ValueError(f"projector.type={cfg.type!r} must be 'mlp2x_gelu' or 'linear'")
-        if cfg.pool < 1:
-            raise ValueError(f"projector.pool={cfg.pool} must be >= 1")
-        self.pool = cfg.pool
+        if cfg.pool < 1 or cfg.grid < 0:
+            raise ValueError(f"projector.pool={cfg.pool} must be >= 1 and projector.grid={cfg.grid} >= 0")
+        if cfg.pool > 1 and cfg.grid:
+            raise ValueError("set projector.pool or projector.grid, not both")
+        self.pool, self.grid = cfg.pool, cfg.grid
+        self.pos_embed = None
+        if cfg.pos_embed:
+            if vision_tokens is None:
+                raise ValueError("projector.pos_embed needs the tower's number of tokens (vision_tokens)")
+            self.pos_embed = nn.Parameter(torch.zeros(1, self.num_tokens(vision_tokens), lm_width))  # [1, T', D]
 
     def num_tokens(self, vision_tokens: int) -> int:
         """Return how many tokens one image becomes."""
-        if self.pool == 1:
+        if self.pool == 1 and not self.grid:
             return vision_tokens
         side = math.isqrt(vision_tokens)
         if side * side != vision_tokens:
-            raise ValueError(f"projector.pool={self.pool} needs a square grid of patch tokens, got {vision_tokens} "
+            raise ValueError(f"projector.pool/grid need a square grid of patch tokens, got {vision_tokens} "
                              "(with vision.use_cls=true the class token breaks the grid)")
-        return math.ceil(side / self.pool) ** 2
+        return self.grid**2 if self.grid else math.ceil(side / self.pool) ** 2
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        if self.pool > 1:
+        if self.pool > 1 or self.grid:
             N, T, C = features.shape
             side = math.isqrt(T)
             grid = features.transpose(1, 2).reshape(N, C, side, side)  # [N, C, s, s]
-            features = F.avg_pool2d(grid, self.pool, ceil_mode=True).flatten(2).transpose(1, 2)  # [N, ceil(s/p)^2, C]
-        return self.proj(features)
+            pooled = F.adaptive_avg_pool2d(grid, self.grid) if self.grid else \
+                F.avg_pool2d(grid, self.pool, ceil_mode=True)  # [N, C, g, g]
+            features = pooled.flatten(2).transpose(1, 2)  # [N, g*g, C]
+        out = self.proj(features)  # [N, T', D]
+        return out if self.pos_embed is None else out + self.pos_embed.to(out.dtype)

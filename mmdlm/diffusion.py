@@ -5,6 +5,14 @@ t, and score the model's prediction of the masked tokens with cross-entropy weig
 sum is divided by the number of maskable tokens of the sequence (SFT: the answer length), which
 makes the loss an unbiased estimate of the per-token negative ELBO bound. Prompt, image and
 padding tokens are never masked and never scored.
+
+`schedule="count"` is the same bound in LLaDA's lower-variance form (its eq. 6, used there for
+likelihood evaluation): draw the number of masked tokens l ~ U{1..L} of the L maskable ones,
+mask exactly l, weight L/l. Divided by L, a sequence's loss is the plain mean cross-entropy of
+its masked tokens: never a 1/t of 1000 on a lone masked token, and never a sequence with nothing
+masked. That matters for short answers: with L = 2 ("red<|eot_id|>") the ratio schedule masks the
+answer word only a fraction t of the time and then weights it 1/t, so a few rows carry most of a
+batch's gradient.
 """
 
 from __future__ import annotations
@@ -24,18 +32,35 @@ class DiffusionLoss:
     num_masked: int  # masked tokens scored in this batch
 
 
+SCHEDULES = ("ratio", "count")
+
+
 def sample_masks(
-    maskable: torch.Tensor, eps: float, complementary: bool, generator: torch.Generator | None
+    maskable: torch.Tensor, eps: float, complementary: bool, generator: torch.Generator | None,
+    schedule: str = "ratio",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Return (masks [k, B, L] bool, t [k, B]); k = 2 with complementary masking.
 
-    Complementary masking (LaViDa) pairs each mask with its complement over the maskable tokens,
-    so every maskable token is scored exactly once per pair; the second mask's ratio is 1 - t.
+    `t` is the weight's ratio: the masking probability (ratio schedule) or the masked fraction l/L
+    (count schedule). Complementary masking (LaViDa) pairs each mask with its complement over the
+    maskable tokens, so every maskable token is scored exactly once per pair; the second mask's
+    ratio is 1 - t.
     """
     B, L = maskable.shape
-    t = eps + (1 - eps) * torch.rand(B, device=maskable.device, generator=generator)  # [B] in (eps, 1]
-    u = torch.rand(B, L, device=maskable.device, generator=generator)
-    first = (u < t[:, None]) & maskable
+    if schedule == "count":
+        u = torch.rand(B, L, device=maskable.device, generator=generator)  # [B, L]
+        total = maskable.sum(1)  # [B]
+        count = (torch.rand(B, device=maskable.device, generator=generator) * total).floor() + 1  # U{1..total}
+        # The `count` maskable positions with the smallest draws: a uniformly random subset of that size.
+        rank = torch.where(maskable, u, 2.0).argsort(1).argsort(1)  # [B, L]
+        first = (rank < count[:, None]) & maskable
+        t = (count / total.clamp_min(1)).clamp_max(1.0)
+    elif schedule == "ratio":
+        t = eps + (1 - eps) * torch.rand(B, device=maskable.device, generator=generator)  # [B] in (eps, 1]
+        u = torch.rand(B, L, device=maskable.device, generator=generator)  # [B, L]
+        first = (u < t[:, None]) & maskable
+    else:
+        raise ValueError(f"schedule={schedule!r} must be one of {SCHEDULES}")
     if not complementary:
         return first[None], t[None]
     second = ~first & maskable
@@ -52,13 +77,14 @@ def masked_diffusion_loss(
     eps: float = 1e-3,
     complementary: bool = False,
     generator: torch.Generator | None = None,
+    schedule: str = "ratio",
 ) -> DiffusionLoss:
     """Return the 1/t-weighted masked cross-entropy of `logits_fn` on a freshly masked batch.
 
     logits_fn maps noisy ids [k*B, L] (rows stacked mask by mask) to logits [k*B, L, V].
     """
     B = input_ids.shape[0]
-    masks, t = sample_masks(maskable, eps, complementary, generator)  # [k, B, L], [k, B]
+    masks, t = sample_masks(maskable, eps, complementary, generator, schedule)  # [k, B, L], [k, B]
     k = masks.shape[0]
     masks, t = masks.reshape(k * B, -1), t.reshape(k * B)
     targets = input_ids.repeat(k, 1)  # [k*B, L]

@@ -253,12 +253,15 @@ class DiffusionLM(PreTrainedModel):
         cache: KVCache | None = None,
         start: int = 0,
         fill_cache: bool = False,
+        causal: bool | None = None,
     ) -> torch.Tensor:
         """Return logits [B, L, V] for tokens (or embeddings) at positions start..start+L-1.
 
         attention_mask [B, Lk] marks real keys (False = padding) over every key the queries see:
         the whole sequence, cached part included. With `cache`, keys/values outside
         [start, start+L) come from the cache; `fill_cache` stores this call's keys/values in it.
+        `causal` overrides `config.attention` for this call (an autoregressive loss on a
+        bidirectional model: Dimple's warm-up, the joint AR + diffusion loss).
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
@@ -271,7 +274,8 @@ class DiffusionLM(PreTrainedModel):
         if cache is None and start != 0:
             raise ValueError("start > 0 needs a cache holding the keys before it")
         mask = attention_mask_4d(
-            B, L, k_len, start, x.device, self.config.attention == "causal", attention_mask, prefix_len
+            B, L, k_len, start, x.device, self.config.attention == "causal" if causal is None else causal,
+            attention_mask, prefix_len,
         )
         for i, block in enumerate(self.layers):
             if self.gradient_checkpointing and self.training:

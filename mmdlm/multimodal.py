@@ -52,7 +52,8 @@ class MMDLM(PreTrainedModel):
         self.vision = VisionTower(from_dict(VisionConfig, config.vision, "vision"))
         self.lm = lm if lm is not None else DiffusionLM(DLMConfig(**config.lm))
         projector = from_dict(ProjectorConfig, config.projector, "projector")
-        self.projector = Projector(projector, self.vision.hidden_size, self.lm.config.hidden_size)
+        self.projector = Projector(projector, self.vision.hidden_size, self.lm.config.hidden_size,
+                                   self.vision.num_tokens)
         self.num_image_tokens = self.projector.num_tokens(self.vision.num_tokens)
 
     def _init_weights(self, module) -> None:  # each part initialises itself (timm, open_clip, DiffusionLM)
@@ -114,11 +115,12 @@ class MMDLM(PreTrainedModel):
     def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, prefix_len: torch.Tensor | int | None = None,
                 image_features: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                cache: KVCache | None = None, start: int = 0, fill_cache: bool = False) -> torch.Tensor:
-        """Return logits [B, L, V]; see DiffusionLM.forward for masks, prefix-DLM and the cache."""
+                cache: KVCache | None = None, start: int = 0, fill_cache: bool = False,
+                causal: bool | None = None) -> torch.Tensor:
+        """Return logits [B, L, V]; see DiffusionLM.forward for masks, prefix-DLM, the cache and `causal`."""
         embeds = self.embed(input_ids, pixel_values, image_features)
         return self.lm(inputs_embeds=embeds, attention_mask=attention_mask, prefix_len=prefix_len,
-                       position_ids=position_ids, cache=cache, start=start, fill_cache=fill_cache)
+                       position_ids=position_ids, cache=cache, start=start, fill_cache=fill_cache, causal=causal)
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, *_: Any, dtype: torch.dtype | None = None, **__: Any) -> MMDLM:

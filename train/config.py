@@ -25,6 +25,9 @@ class DataConfig:
     shuffle_buffer: int = 1000
     resampled: bool = False  # shards sampled with replacement (very large corpora, many nodes)
     log_sample_ids: bool = False  # write <output_dir>/samples/rank<r>.jsonl: the ids of every micro-batch
+    # SFT padding after each answer: "eos" = LLaDA's EOS runs, attended and targets; "mask" = one EOS
+    # target, then mask tokens that are attended but never targets (see data/collate.py).
+    sft_padding: str = "eos"
 
 
 @dataclass
@@ -54,6 +57,17 @@ class TrainConfig:
     trainable: list[str] = field(default_factory=lambda: ["projector", "lm"])  # of: vision, projector, lm
     objective: str = "diffusion"  # or "autoregressive" (the causal twin; needs lm.attention: causal)
     model_overrides: list[str] = field(default_factory=list)  # `--set`-style overrides of the model YAML
+    # The tower's weights from another run's model folder (the tower-pretraining stage): every
+    # `vision.*` tensor of its safetensors replaces the new model's.
+    init_vision_from: str | None = None
+    # "ratio": t ~ U(eps, 1], each token masked with probability t, weight 1/t (LLaDA's training);
+    # "count": l ~ U{1..L} tokens masked, weight L/l (LLaDA's eq. 6; lower variance on short answers).
+    mask_schedule: str = "ratio"
+    # Autoregressive help for the diffusion model, on the same weights with causal attention:
+    # the first `ar_warmup_steps` steps train next-token prediction only (Dimple's AR-then-diffusion),
+    # and `ar_loss_weight` > 0 adds that loss to every diffusion step (joint AR + diffusion).
+    ar_warmup_steps: int = 0
+    ar_loss_weight: float = 0.0
     complementary_masking: bool = False
     # Prefix-DLM attention (image + prompt never attend to the answer): makes the sampler's prefix
     # KV cache exact at inference. Stored in the exported model's config.
@@ -87,6 +101,17 @@ class TrainConfig:
             raise ConfigError(f"optim.lr_multipliers: unknown modules {sorted(unknown)} (of {list(MODULES)})")
         if self.objective not in ("diffusion", "autoregressive"):
             raise ConfigError(f"objective={self.objective!r} must be 'diffusion' or 'autoregressive'")
+        if self.mask_schedule not in ("ratio", "count"):
+            raise ConfigError(f"mask_schedule={self.mask_schedule!r} must be 'ratio' or 'count'")
+        if self.data.sft_padding not in ("eos", "mask"):
+            raise ConfigError(f"data.sft_padding={self.data.sft_padding!r} must be 'eos' or 'mask'")
+        if self.ar_warmup_steps < 0 or self.ar_loss_weight < 0:
+            raise ConfigError("ar_warmup_steps and ar_loss_weight must be >= 0")
+        if (self.ar_warmup_steps or self.ar_loss_weight) and self.objective != "diffusion":
+            raise ConfigError("ar_warmup_steps / ar_loss_weight help a diffusion model: they need objective=diffusion")
+        if self.init_vision_from is not None and not list(Path(self.init_vision_from).glob("*.safetensors")):
+            raise ConfigError(f"init_vision_from={self.init_vision_from!r} holds no *.safetensors: give the model "
+                              "folder a tower-pretraining run exported")
         if bool(self.data.json) == bool(self.data.shards):
             raise ConfigError("set exactly one of data.json (conversations) or data.shards (documents)")
         if self.precision not in ("auto", "fp32", "bf16"):

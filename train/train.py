@@ -47,17 +47,22 @@ def init_distributed() -> None:
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
 
 
-def loss_of(engine, batch: dict, cfg: TrainConfig, mask_id: int, generator: torch.Generator):
-    """Return (loss, t [B] or None, per-sequence loss [B] or None) for one micro-batch."""
+def loss_of(engine, batch: dict, cfg: TrainConfig, mask_id: int, generator: torch.Generator, step: int = 0):
+    """Return (loss, t [B] or None, per-sequence loss [B] or None) for one micro-batch at optimizer step `step`."""
     model: MMDLM = engine.module
     ids, attention, maskable = batch["input_ids"], batch["attention_mask"], batch["maskable"]  # [B, L]
     pixels = batch["pixel_values"]  # [N, 3, H, W]
-    if cfg.objective == "autoregressive":
-        return next_token_loss(engine(ids, pixels, attention_mask=attention), ids, maskable), None, None
-    prefix_len = batch["prompt_length"] if model.config.prefix_dlm else None  # [B]
-    # One vision pass, reused by both masks of a complementary pair (a text-only batch runs the
-    # tower on a blank image inside the model, so every rank runs the same modules under ZeRO-3).
+    # One vision pass, reused by every forward of the step (a text-only batch runs the tower on a
+    # blank image inside the model, so every rank runs the same modules under ZeRO-3).
     features = model.encode_images(pixels) if pixels.shape[0] else None  # [N, T, D]
+
+    def next_token() -> torch.Tensor:  # causal attention whatever the model's own (AR warm-up, joint loss)
+        return next_token_loss(engine(ids, attention_mask=attention, image_features=features, causal=True),
+                               ids, maskable)
+
+    if cfg.objective == "autoregressive" or step < cfg.ar_warmup_steps:
+        return next_token(), None, None
+    prefix_len = batch["prompt_length"] if model.config.prefix_dlm else None  # [B]
 
     def logits_fn(noisy: torch.Tensor) -> torch.Tensor:  # [k*B, L] -> [k*B, L, V]
         k = noisy.shape[0] // ids.shape[0]
@@ -66,8 +71,10 @@ def loss_of(engine, batch: dict, cfg: TrainConfig, mask_id: int, generator: torc
         return engine(noisy, attention_mask=attention.repeat(k, 1), image_features=feats, prefix_len=prefix)
 
     out = masked_diffusion_loss(logits_fn, ids, maskable, mask_id, eps=cfg.mask_eps,
-                                complementary=cfg.complementary_masking, generator=generator)
-    return out.loss, out.t, out.per_sequence
+                                complementary=cfg.complementary_masking, generator=generator,
+                                schedule=cfg.mask_schedule)
+    loss = out.loss + cfg.ar_loss_weight * next_token() if cfg.ar_loss_weight else out.loss
+    return loss, out.t, out.per_sequence
 
 
 def parse_args(argv: list[str] | None) -> tuple[TrainConfig, bool]:
@@ -116,7 +123,7 @@ def train(cfg: TrainConfig, resume: bool) -> Path:
               "starting at step 0", flush=True)
     saved_at = state.step if state.step else None
     collator = Collator(tokenizer, model.image_transform(), model.num_image_tokens, cfg.data.max_length,
-                        mode="sft" if cfg.data.json else "pretrain")
+                        mode="sft" if cfg.data.json else "pretrain", sft_padding=cfg.data.sft_padding)
     batches = iter(build_loader(cfg, collator, rank, world, skip_batches=state.batches_consumed))
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
@@ -140,7 +147,7 @@ def train(cfg: TrainConfig, resume: bool) -> Path:
         # masks the uninterrupted run would have drawn.
         generator = torch.Generator(device=engine.device).manual_seed(
             cfg.seed * 1_000_003 + rank * 10_007 + state.batches_consumed)
-        loss, t, per_sequence = loss_of(engine, batch, cfg, mask_id, generator)
+        loss, t, per_sequence = loss_of(engine, batch, cfg, mask_id, generator, state.step)
         if samples_log is not None:
             samples_log.write(json.dumps({"step": state.step + 1, "micro": micro, "ids": sample_ids}) + "\n")
         # A non-finite micro-batch is dropped on every rank before its backward, so the step it
