@@ -1,6 +1,6 @@
 """The `mmdlm-data` command: `synth` draws the demo world, `check` validates a data set.
 
-    mmdlm-data synth --out DIR --n N --seed S
+    mmdlm-data synth --out DIR --n N --seed S [--world shapes|textures]
     mmdlm-data check PATH [--tokenizer DIR --max-length N --num-image-tokens K]
 
 check exits 0 when clean, 1 when it found problems, 2 when the input cannot be read at all.
@@ -20,6 +20,12 @@ def _synth(args: argparse.Namespace) -> int:
 
     n_val = args.n_val if args.n_val is not None else max(1, args.n // 10)
     n_test = args.n_test if args.n_test is not None else max(1, args.n // 10)
+    if args.world == "textures":
+        from mmdlm.data.textures import synthesize_textures
+
+        out = synthesize_textures(args.out, args.n, n_test, seed=args.seed, size=args.image_size)
+        print(f"wrote {out}: train={args.n} test={n_test} texture images of {args.image_size}px")
+        return 0
     options = WorldOptions(noise=args.noise, occlusion=args.occlusion, vocab_size=args.vocab_size)
     start = time.perf_counter()
     out = synthesize(args.out, args.n, n_val, n_test, seed=args.seed, image_size=args.image_size, options=options)
@@ -55,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--n-val", type=int, default=None, help="validation scenes (default n/10)")
     synth.add_argument("--n-test", type=int, default=None, help="test scenes (default n/10)")
     synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--world", choices=("shapes", "textures"), default="shapes",
+                       help="shapes: the demo world; textures: ten patterns to fine-tune on (train/ and test/ only)")
     synth.add_argument("--image-size", type=int, default=64)
     synth.add_argument("--noise", type=float, default=0.03, help="pixel noise std as a fraction of 255")
     synth.add_argument("--occlusion", type=float, default=0.0, help="probability that a shape overlaps a neighbour")

@@ -215,3 +215,22 @@ def test_dataloader_over_llava_with_a_corrupt_image(tmp_path, tokenizer):
     with pytest.warns(DataWarning, match="entry id=1: image 'b.png' unreadable"):
         (batch,) = list(loader)
     assert batch["input_ids"].shape[0] == 2 and batch["pixel_values"].shape[0] == 2 and collator.skipped == 1
+
+
+def test_mask_padding_ends_each_answer_with_one_eos_target_then_masks(tokenizer, ids):
+    samples = [qa("What colour is the circle?", "red", image("green")),
+               qa("What colour is the circle?", "a small red circle on the left.", image("red"))]
+    eos = Collator(tokenizer, transform, N_IMAGE, max_length=200)(samples)
+    batch = Collator(tokenizer, transform, N_IMAGE, max_length=200, sft_padding="mask")(samples)
+    short = int((eos["input_ids"][0] != ids.eos).nonzero().max()) + 1  # the short row's own tokens
+    assert torch.equal(batch["input_ids"][0, :short + 1], eos["input_ids"][0, :short + 1])
+    assert batch["input_ids"][0, short] == ids.eos
+    assert torch.all(batch["input_ids"][0, short + 1 :] == ids.mask)  # what the sampler's canvas holds
+    assert batch["maskable"][0, short] and not batch["maskable"][0, short + 1 :].any()
+    assert batch["attention_mask"].all()
+    assert torch.equal(batch["maskable"][0, :short], eos["maskable"][0, :short])
+    # The long row fills the batch: its answer is unchanged and nothing follows it.
+    assert torch.equal(batch["input_ids"][1], eos["input_ids"][1])
+    assert torch.equal(batch["maskable"][1], eos["maskable"][1])
+    with pytest.raises(ValueError, match="sft_padding"):
+        Collator(tokenizer, transform, N_IMAGE, 50, sft_padding="pad")

@@ -10,9 +10,12 @@ import pytest
 from PIL import Image
 
 from mmdlm.data.cli import main
-from mmdlm.data.scenes import _ANSWERS, COLOURS, GRID, QUESTION_TYPES, QuestionSampler, build_scene, caption, draw_scene
+from mmdlm.data.scenes import _ANSWERS, COLOURS, GRID, QUESTION_TYPES, SHAPES, QuestionSampler, build_scene, caption
+from mmdlm.data.scenes import SIZES as THING_SIZES
+from mmdlm.data.scenes import cell_labels, draw_scene
 from mmdlm.data.shards import shard_pipeline
 from mmdlm.data.synthetic import SPLITS, split_seed, synthesize
+from mmdlm.data.textures import PATTERNS, synthesize_textures
 from mmdlm.data.tokenizer import load_tokenizer, special_ids
 
 SIZES = {"train": 300, "val": 100, "test": 200}
@@ -119,6 +122,30 @@ def test_scene_answers_are_true():
         assert len({(t.row, t.col) for t in things}) == len(things)  # one thing per cell
         assert oracle(things, kind, key) == answer
         assert caption(things).count(" a ") + 1 == len(things)
+
+
+def test_cell_labels_read_every_thing_back_from_its_caption():
+    rng = random.Random(1)
+    sampler = QuestionSampler(rng)
+    for _ in range(300):
+        things = build_scene(rng, *sampler.draw())
+        expected = [[0, 0, 0] for _ in range(GRID * GRID)]
+        for t in things:
+            expected[t.row * GRID + t.col] = [list(COLOURS).index(t.colour) + 1, SHAPES.index(t.shape) + 1,
+                                              THING_SIZES.index(t.size) + 1]
+        assert cell_labels(caption(things)) == expected
+    with pytest.raises(ValueError, match="not a demo-world caption"):
+        cell_labels("a cat on a mat")
+
+
+def test_texture_world_is_balanced_and_labels_are_new_words(tmp_path):
+    synthesize_textures(tmp_path, n_train=40, n_test=20, seed=0)
+    for split, n in (("train", 40), ("test", 20)):
+        entries = json.loads((tmp_path / split / "qa.json").read_text())
+        answers = Counter(e["conversations"][1]["value"] for e in entries)
+        assert len(entries) == n and set(answers) == set(PATTERNS) and max(answers.values()) - min(answers.values()) <= 1
+        assert all((tmp_path / split / e["image"]).is_file() for e in entries)
+    assert not set(PATTERNS) & {*COLOURS, *SHAPES, *THING_SIZES, "yes", "no", "left", "right"}
 
 
 def test_draw_scene_colours_where_the_things_are():

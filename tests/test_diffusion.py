@@ -38,12 +38,12 @@ def test_expectation_matches_analytic_value():
     maskable = torch.ones(B, L, dtype=torch.bool)
     maskable[:, :2] = False
     analytic = (-torch.log_softmax(q_logits, 0)[ids[0, 2:]]).mean().item()
-    for complementary in (False, True):
+    for complementary, schedule in [(False, "ratio"), (True, "ratio"), (False, "count")]:
         out = masked_diffusion_loss(
             lambda noisy: q_logits.expand(*noisy.shape, V), ids, maskable, mask_id=V,
-            eps=0.05, complementary=complementary,
+            eps=0.05, complementary=complementary, schedule=schedule,
         )
-        assert math.isclose(out.loss.item(), analytic, rel_tol=0.02), (complementary, out.loss.item(), analytic)
+        assert math.isclose(out.loss.item(), analytic, rel_tol=0.02), (schedule, out.loss.item(), analytic)
 
 
 def test_complementary_masks_partition_the_maskable_tokens():
@@ -82,3 +82,26 @@ def test_next_token_loss_scores_only_maskable_targets():
     logits[0, 2, 0] = 5.0  # predicts token 0 at position 3: wrong (target 4)
     expected = (torch.nn.functional.cross_entropy(logits[0, 1:3], torch.tensor([3, 4])))
     torch.testing.assert_close(next_token_loss(logits, ids, maskable), expected)
+
+
+def test_count_schedule_masks_one_to_all_and_scores_the_mean_of_the_masked():
+    """LLaDA's eq. 6: l ~ U{1..L} masked, weight L/l; over L that is the masked tokens' mean cross-entropy."""
+    torch.manual_seed(2)
+    B, L, V = 4000, 7, 9
+    maskable = torch.rand(B, L) > 0.4
+    maskable[:, 0] = True  # every row has at least one maskable token
+    masks, t = sample_masks(maskable, 1e-3, False, torch.Generator().manual_seed(0), schedule="count")
+    counts, totals = masks[0].sum(1), maskable.sum(1)
+    assert not (masks[0] & ~maskable).any()
+    assert torch.all((counts >= 1) & (counts <= totals))
+    torch.testing.assert_close(t[0], counts / totals)
+    full = totals == 3  # l is uniform on {1, 2, 3} for rows with three maskable tokens
+    shares = torch.bincount(counts[full], minlength=4)[1:].float() / full.sum()
+    assert torch.all((shares - 1 / 3).abs() < 0.05), shares
+    ids = torch.randint(0, V, (B, L))
+    logits = torch.randn(B, L, V)
+    out = masked_diffusion_loss(lambda n: logits, ids, maskable, V, generator=torch.Generator().manual_seed(0),
+                                schedule="count")
+    token = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids, reduction="none")  # [B, L]
+    mean_masked = (token * masks[0]).sum(1) / counts
+    torch.testing.assert_close(out.per_sequence, mean_masked)

@@ -138,3 +138,17 @@ def test_projector_types_and_pooling():
         proj.num_tokens(15)
     with pytest.raises(ValueError, match="projector.type='mlp3x'"):
         Projector(ProjectorConfig(type="mlp3x"), 8, 16)
+
+
+def test_projector_grid_pools_to_cells_and_adds_a_learned_position_per_token():
+    proj = Projector(ProjectorConfig(grid=3, pos_embed=True), vision_width=4, lm_width=6, vision_tokens=64)
+    assert proj.num_tokens(64) == 9 and proj.pos_embed.shape == (1, 9, 6)
+    feats = torch.randn(2, 64, 4)
+    cells = torch.nn.functional.adaptive_avg_pool2d(feats.transpose(1, 2).reshape(2, 4, 8, 8), 3)
+    expected = proj.proj(cells.flatten(2).transpose(1, 2))
+    torch.testing.assert_close(proj(feats), expected)  # the embedding starts at zero
+    with torch.no_grad():
+        proj.pos_embed.copy_(torch.arange(54.0).reshape(1, 9, 6))
+    torch.testing.assert_close(proj(feats) - expected, proj.pos_embed.expand(2, 9, 6))
+    with pytest.raises(ValueError, match="not both"):
+        Projector(ProjectorConfig(grid=3, pool=2), 4, 6)

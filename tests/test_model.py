@@ -40,6 +40,16 @@ def test_bidirectional_attention_sees_the_future_and_causal_does_not():
         assert (diff > 0) == first_changes, attention
 
 
+def test_causal_override_runs_a_bidirectional_model_as_its_causal_twin():
+    """forward(causal=True) is what the AR warm-up and the joint loss use: the same weights, causal attention."""
+    bidirectional, causal = tiny(), tiny(attention="causal")
+    causal.load_state_dict(bidirectional.state_dict())
+    ids = torch.randint(0, 60, (2, 10))
+    with torch.no_grad():
+        torch.testing.assert_close(bidirectional(ids, causal=True), causal(ids), rtol=0, atol=0)
+        assert not torch.equal(bidirectional(ids), causal(ids))
+
+
 def test_prefix_dlm_prefix_logits_ignore_the_answer():
     model = tiny()
     ids = torch.randint(0, 60, (2, 12))

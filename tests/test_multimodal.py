@@ -126,7 +126,7 @@ def test_prefix_dlm_prefix_hidden_states_ignore_the_answer():
 def test_demo_config_builds_with_the_tokenizer_size():
     model = build_model("configs/model/tiny.yaml", vocab_size=300, image_token_id=299, mask_token_id=298)
     assert (model.lm.config.vocab_size, model.lm.config.mask_token_id, model.config.image_token_id) == (300, 298, 299)
-    assert model.num_image_tokens == 16  # resnet18's stride-8 map of a 64 px image, 2x2 pooled
+    assert model.num_image_tokens == 9  # resnet18's stride-8 map of a 64 px image, pooled to the 3x3 cells
     assert model.image_transform()(Image.new("RGB", (80, 80))).shape == (3, 64, 64)
 
 

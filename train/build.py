@@ -60,8 +60,12 @@ def load_vision(model: MMDLM, folder: Path) -> None:
     """Replace the tower's weights by the `vision.*` tensors of `folder`'s safetensors (all of them, or an error)."""
     from safetensors.torch import load_file
 
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise ConfigError(f"init_vision_from={str(folder)!r} holds no *.safetensors: give the model folder that "
+                          "a tower-pretraining run (or any training run) exported")
     state = {}
-    for f in sorted(folder.glob("*.safetensors")):
+    for f in files:
         state.update({k.removeprefix("vision."): v for k, v in load_file(str(f)).items() if k.startswith("vision.")})
     own = model.vision.state_dict()
     missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))

@@ -109,9 +109,7 @@ class TrainConfig:
             raise ConfigError("ar_warmup_steps and ar_loss_weight must be >= 0")
         if (self.ar_warmup_steps or self.ar_loss_weight) and self.objective != "diffusion":
             raise ConfigError("ar_warmup_steps / ar_loss_weight help a diffusion model: they need objective=diffusion")
-        if self.init_vision_from is not None and not list(Path(self.init_vision_from).glob("*.safetensors")):
-            raise ConfigError(f"init_vision_from={self.init_vision_from!r} holds no *.safetensors: give the model "
-                              "folder a tower-pretraining run exported")
+
         if bool(self.data.json) == bool(self.data.shards):
             raise ConfigError("set exactly one of data.json (conversations) or data.shards (documents)")
         if self.precision not in ("auto", "fp32", "bf16"):

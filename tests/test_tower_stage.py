@@ -1,0 +1,57 @@
+"""The demo's tower-pretraining stage and how the next stages pick its tower up (init_vision_from)."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mmdlm.config import ConfigError, load_config
+from mmdlm.data.synthetic import synthesize
+from mmdlm.train import tower
+from mmdlm.train.build import build
+from mmdlm.train.config import TrainConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return synthesize(tmp_path_factory.mktemp("world"), n_train=48, n_val=16, n_test=4, seed=7)
+
+
+def test_tower_stage_learns_cells_and_its_tower_loads_into_the_next_stage(world, tmp_path):
+    out = tmp_path / "tower"
+    sets = [f"train=[{world / 'train' / 'captions.json'}]", f"val={world / 'val' / 'captions.json'}",
+            "max_steps=6", "batch_size=16", f"output_dir={out}"]
+    assert tower.main(["--config", str(ROOT / "configs/train/demo_tower.yaml"),
+                       *[a for s in sets for a in ("--set", s)]]) == 0
+    scores = json.loads((out / "eval.json").read_text())
+    assert set(scores) == {"colour", "shape", "size", "occupied"}
+    assert all(0 <= v <= 100 for v in scores.values())
+    saved = load_file(str(out / "model" / "vision.safetensors"))
+    assert saved and all(k.startswith("vision.") for k in saved)
+
+    cfg = load_config(TrainConfig, ROOT / "configs/train/demo_align.yaml",
+                      [f"init_vision_from={out / 'model'}", f"data.tokenizer={world / 'tokenizer'}"])
+    _, model = build(cfg)
+    for key, value in model.vision.state_dict().items():
+        assert torch.equal(value, saved["vision." + key]), key
+    # The LM and projector stay freshly initialised: only the tower is taken over.
+    assert not any(k.startswith(("lm.", "projector.")) for k in saved)
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    cfg.init_vision_from = str(empty)
+    with pytest.raises(ConfigError, match="holds no"):
+        build(cfg)
+
+
+def test_tower_stage_rejects_a_frozen_tower(world, tmp_path):
+    frozen = tmp_path / "frozen.yaml"
+    frozen.write_text((ROOT / "configs/model/tiny.yaml").read_text().replace("frozen: false", "frozen: true"))
+    code = tower.main(["--config", str(ROOT / "configs/train/demo_tower.yaml"), "--set", f"model={frozen}",
+                       "--set", f"train=[{world / 'train' / 'captions.json'}]", "--set", "max_steps=1",
+                       "--set", f"output_dir={tmp_path / 'out'}"])
+    assert code == 2
