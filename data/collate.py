@@ -31,7 +31,6 @@ from transformers import PreTrainedTokenizerFast
 from mmdlm.data.errors import DataError, DataWarning
 from mmdlm.data.template import ChatEncoder, expand_image_runs
 
-
 SFT_PADDINGS = ("eos", "mask")
 
 

@@ -159,8 +159,8 @@ def caption(things: list[Thing]) -> str:
 
 
 CELL_ATTRIBUTES = {"colour": tuple(COLOURS), "shape": SHAPES, "size": SIZES}  # class 0 of each = empty cell
-_CAPTION_PART = re.compile(r"a (%s) (%s) (%s) (%s)" % tuple(
-    "|".join(values) for values in (SIZES, COLOURS, SHAPES, sorted(PLACES.values(), key=len, reverse=True))))
+_ALTERNATIVES = ["|".join(v) for v in (SIZES, COLOURS, SHAPES, sorted(PLACES.values(), key=len, reverse=True))]
+_CAPTION_PART = re.compile("a ({}) ({}) ({}) ({})".format(*_ALTERNATIVES))  # longest place first: "at the top left"
 
 
 def cell_labels(text: str) -> list[list[int]]:

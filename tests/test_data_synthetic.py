@@ -10,9 +10,19 @@ import pytest
 from PIL import Image
 
 from mmdlm.data.cli import main
-from mmdlm.data.scenes import _ANSWERS, COLOURS, GRID, QUESTION_TYPES, SHAPES, QuestionSampler, build_scene, caption
+from mmdlm.data.scenes import (
+    _ANSWERS,
+    COLOURS,
+    GRID,
+    QUESTION_TYPES,
+    SHAPES,
+    QuestionSampler,
+    build_scene,
+    caption,
+    cell_labels,
+    draw_scene,
+)
 from mmdlm.data.scenes import SIZES as THING_SIZES
-from mmdlm.data.scenes import cell_labels, draw_scene
 from mmdlm.data.shards import shard_pipeline
 from mmdlm.data.synthetic import SPLITS, split_seed, synthesize
 from mmdlm.data.textures import PATTERNS, synthesize_textures
@@ -143,7 +153,8 @@ def test_texture_world_is_balanced_and_labels_are_new_words(tmp_path):
     for split, n in (("train", 40), ("test", 20)):
         entries = json.loads((tmp_path / split / "qa.json").read_text())
         answers = Counter(e["conversations"][1]["value"] for e in entries)
-        assert len(entries) == n and set(answers) == set(PATTERNS) and max(answers.values()) - min(answers.values()) <= 1
+        assert len(entries) == n and set(answers) == set(PATTERNS)
+        assert max(answers.values()) - min(answers.values()) <= 1
         assert all((tmp_path / split / e["image"]).is_file() for e in entries)
     assert not set(PATTERNS) & {*COLOURS, *SHAPES, *THING_SIZES, "yes", "no", "left", "right"}
 

@@ -62,7 +62,8 @@ class CellHeads(nn.Module):
 
     def __init__(self, width: int):
         super().__init__()
-        self.heads = nn.ModuleDict({name: nn.Linear(width, len(values) + 1) for name, values in CELL_ATTRIBUTES.items()})
+        classes = {name: len(values) + 1 for name, values in CELL_ATTRIBUTES.items()}  # + the empty cell
+        self.heads = nn.ModuleDict({name: nn.Linear(width, n) for name, n in classes.items()})
 
     def forward(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
         N, T, C = features.shape
