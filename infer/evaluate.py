@@ -133,6 +133,12 @@ def load_references(path: str | Path) -> dict[str, list[str]]:
     return out
 
 
+def load_types(path: str | Path) -> dict[str, str]:
+    """Return {id: question_type} for the entries of a LLaVA JSON set that carry one (the demo world's do)."""
+    entries = json.loads(Path(path).read_text(encoding="utf-8"))
+    return {str(e.get("id", i)): str(e["question_type"]) for i, e in enumerate(entries) if "question_type" in e}
+
+
 def load_predictions(path: str | Path) -> dict[str, str]:
     """Return {id: answer} of a JSON-lines file written by infer.py (`{"id", "answer", ...}` per line)."""
     path = Path(path)
@@ -163,7 +169,13 @@ def main(argv: list[str] | None = None) -> int:
     if metric == "auto":
         metric = "cider" if "caption" in Path(args.references).name else "vqa"
     try:
-        result = score(load_predictions(args.predictions), load_references(args.references), metric)
+        predictions, references = load_predictions(args.predictions), load_references(args.references)
+        result = score(predictions, references, metric)
+        if metric != "cider":  # and one line per question type, where the set names them
+            types = load_types(args.references)
+            for kind in sorted({types[i] for i in predictions if i in types}):
+                subset = {i: a for i, a in predictions.items() if types.get(i) == kind}
+                result[f"{metric}[{kind}]"] = score(subset, references, metric)[metric]
     except EvalError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The autoregressive twin beside the demo's diffusion model, and the inference benchmark of both.
 # Run after scripts/demo.sh (it reuses runs/demo/world and runs/demo/sft/model):
-#   1. train the twin: the same model config with causal attention, the same stages, data, steps
-#      and learning rates, next-token loss instead of masked diffusion (two config switches)
+#   1. train the twin: the same model config with causal attention, the same pretrained tower, the
+#      same stages, data, steps and learning rates, next-token loss only (three config switches)
 #   2. one table per task (VQA, captions): accuracy / CIDEr, forward passes, tokens per forward and
 #      latency for each sampler setting of the diffusion model and for the twin, plus the
 #      quality/speed frontier plot (runs/demo/frontier.png)
@@ -13,7 +13,7 @@ if [ ! -d "$out/sft/model" ]; then
     echo "run scripts/demo.sh first: it draws $out/world and trains $out/sft/model" >&2
     exit 2
 fi
-twin=(--set objective=autoregressive)
+twin=(--set objective=autoregressive --set ar_loss_weight=0)
 rm -rf "$out/ar_align" "$out/ar_sft"
 mmdlm-train --config configs/train/demo_align.yaml "${twin[@]}" --set "model_overrides=[lm.attention=causal]" \
     --set output_dir="$out/ar_align"

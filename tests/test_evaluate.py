@@ -69,3 +69,18 @@ def test_command_scores_files_and_rejects_bad_ones(tmp_path, capsys):
     preds.write_text(json.dumps({"id": "zz", "answer": "x"}))
     assert main(["--predictions", str(preds), "--references", str(refs)]) == 2
     assert "no reference" in capsys.readouterr().err
+
+
+def test_command_scores_each_question_type(tmp_path, capsys):
+    def entry(i, kind, answer):
+        return {"id": f"q{i}", "question_type": kind, "conversations": [
+            {"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": answer}]}
+
+    refs = tmp_path / "qa.json"
+    refs.write_text(json.dumps([entry(1, "colour", "red"), entry(2, "colour", "blue"), entry(3, "count", "3")]))
+    preds = tmp_path / "answers.jsonl"
+    preds.write_text("\n".join(json.dumps({"id": i, "answer": a}) for i, a in [("q1", "red"), ("q2", "red"),
+                                                                               ("q3", "three")]))
+    assert main(["--predictions", str(preds), "--references", str(refs)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines == ["vqa: 66.67", "vqa[colour]: 50.00", "vqa[count]: 100.00"]
