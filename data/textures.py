@@ -65,16 +65,17 @@ def draw_texture(pattern: str, rng: random.Random, size: int = 64, noise: float 
     return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
 
 
-def synthesize_textures(out_dir: str | Path, n_train: int, n_test: int, seed: int = 0, size: int = 64) -> Path:
+def synthesize_textures(out_dir: str | Path, n_train: int, n_test: int, seed: int = 0, size: int = 64,
+                        patterns: tuple[str, ...] = PATTERNS) -> Path:
     """Write `train/` and `test/` (images/ + qa.json, LLaVA JSON) under out_dir; return it."""
     out = Path(out_dir)
     for split, n in (("train", n_train), ("test", n_test)):
         rng = random.Random(f"mmdlm-textures-{seed}-{split}")
-        patterns, questions = Deck(PATTERNS, rng), Deck(QUESTIONS, rng)
+        patterns_deck, questions = Deck(patterns, rng), Deck(QUESTIONS, rng)
         (out / split / "images").mkdir(parents=True, exist_ok=True)
         entries = []
         for index in range(n):
-            pattern = patterns.draw()
+            pattern = patterns_deck.draw()
             relative = f"images/{index:06d}.png"
             draw_texture(pattern, rng, size).save(out / split / relative)
             entries.append({"id": f"{split}-tex-{index:06d}", "image": relative, "conversations": [

@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from mmdlm.data.synthetic import synthesize
+from mmdlm.data.textures import synthesize_textures
 from mmdlm.data.tokenizer import load_tokenizer, special_ids
 from mmdlm.multimodal import build_model
 
@@ -61,3 +62,35 @@ def test_custom_vqa_set_full_and_lora(tmp_path):
     out = run(sys.executable, "infer/infer.py", "--model", str(tmp_path / "lora" / "model"), "--image", str(image),
               "--question", "What colour is the circle?")
     assert out.stdout.strip()
+
+
+@pytest.mark.slow
+def test_default_finetune_learns_new_images_and_new_words(tmp_path):
+    """finetune.yaml's defaults on a world unlike the demo's: textures, answer words split into several pieces.
+
+    In miniature (four patterns, 320 images, 120 steps, from a random model instead of the demo
+    model) so that it fits the test budget; the README's numbers are the full-size run.
+    """
+    patterns = ("stripes", "checkerboard", "rings", "speckles")
+    textures = synthesize_textures(tmp_path / "textures", n_train=320, n_test=80, seed=1, patterns=patterns)
+    world = synthesize(tmp_path / "world", n_train=8, n_val=2, n_test=2, seed=5)  # for its tokenizer only
+    tokenizer = load_tokenizer(world / "tokenizer")
+    assert max(len(tokenizer.tokenize(p)) for p in patterns) >= 3  # new words, several pieces each
+    ids = special_ids(tokenizer)
+    torch.manual_seed(0)
+    base = build_model("configs/model/tiny.yaml", vocab_size=512, image_token_id=ids.image, mask_token_id=ids.mask)
+    base.save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    sets = [f"init_from={tmp_path / 'base'}", f"data.json=[{textures / 'train' / 'qa.json'}]", "max_steps=120",
+            "save_every=0", f"output_dir={tmp_path / 'ft'}"]
+    run(sys.executable, "-m", "mmdlm.train", "--config", "configs/train/finetune.yaml",
+        *[a for s in sets for a in ("--set", s)])
+    answers = tmp_path / "answers.jsonl"
+    run(sys.executable, "infer/infer.py", "--model", str(tmp_path / "ft" / "model"),
+        "--input", str(textures / "test" / "qa.json"), "--output", str(answers))
+    predicted = [json.loads(line)["answer"] for line in answers.read_text().splitlines()]
+    truth = [e["conversations"][1]["value"] for e in json.loads((textures / "test" / "qa.json").read_text())]
+    accuracy = sum(p == t for p, t in zip(predicted, truth)) / len(truth)
+    not_words = sum(p not in patterns for p in predicted) / len(predicted)
+    assert accuracy >= 0.6, (accuracy, predicted[:10])  # chance: 0.25
+    assert not_words <= 0.1, predicted

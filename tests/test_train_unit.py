@@ -14,7 +14,7 @@ from mmdlm.train.build import deepspeed_config, lr_lambda, param_groups
 from mmdlm.train.checkpoint import MARKER, _prune, check_fresh_start, complete_checkpoints
 from mmdlm.train.config import TrainConfig
 from mmdlm.train.export import merge_lora, write_model_folder
-from mmdlm.train.loader import ResumableBatchSampler
+from mmdlm.train.loader import ResumableBatchSampler, take_fractions
 from mmdlm.train.metrics import MetricsLog, NonFiniteGuard, TrainingDiverged
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,7 +52,7 @@ def test_stage_configs_load_and_differ_only_in_data_and_modules(stage):
     cfg = load_config(TrainConfig, ROOT / f"configs/train/{stage}.yaml")
     cfg.validate()
     expected = {"align": ["projector"], "demo_align": ["projector"], "pretrain": ["projector", "lm"],
-                "sft": ["vision", "projector", "lm"], "finetune": ["projector", "lm"]}
+                "sft": ["vision", "projector", "lm"], "finetune": ["vision", "projector", "lm"]}
     if stage in expected:
         assert cfg.trainable == expected[stage]
     assert bool(cfg.data.shards) == (stage == "pretrain")
@@ -209,3 +209,14 @@ def test_tensorboard_gets_the_scalars_when_installed(tmp_path, monkeypatch):
     log.close()
     assert written[0] == ("open", "tensorboard", 1) and written[-1] == ("close",)
     assert ("train/loss", 2.5, 1) in written and ("loss_by_t/1", 1.5, 1) in written
+
+
+def test_data_fractions_take_a_seeded_subset_of_each_file():
+    qa, captions = list(range(100)), list(range(1000, 1040))
+    kept = take_fractions([qa, captions], [1.0, 0.25], seed=3)
+    assert kept[0] is qa and len(kept[1]) == 10 and set(kept[1]) <= set(captions)
+    assert list(kept[1]) == list(take_fractions([qa, captions], [1.0, 0.25], seed=3)[1])  # the same every run
+    assert take_fractions([qa], [], seed=0) == [qa]
+    cfg = load_config(TrainConfig, ROOT / "configs/train/demo_sft.yaml", ["data.fractions=[0.5]"])
+    with pytest.raises(ConfigError, match="one number in"):
+        cfg.validate()

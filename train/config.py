@@ -17,6 +17,7 @@ MODULES = ("vision", "projector", "lm")
 @dataclass
 class DataConfig:
     json: list[str] = field(default_factory=list)  # LLaVA JSON files (conversations: SFT)
+    fractions: list[float] = field(default_factory=list)  # per JSON file: train on a seeded subset ([] = all)
     image_folder: str | None = None  # None: each JSON's own folder
     shards: str | None = None  # webdataset shards, brace pattern or folder (documents: pretraining)
     tokenizer: str = "runs/demo/world/tokenizer"  # local folder; an init_from folder's own tokenizer wins
@@ -101,6 +102,9 @@ class TrainConfig:
             raise ConfigError(f"optim.lr_multipliers: unknown modules {sorted(unknown)} (of {list(MODULES)})")
         if self.objective not in ("diffusion", "autoregressive"):
             raise ConfigError(f"objective={self.objective!r} must be 'diffusion' or 'autoregressive'")
+        if self.data.fractions and (len(self.data.fractions) != len(self.data.json)
+                                    or not all(0 < f <= 1 for f in self.data.fractions)):
+            raise ConfigError(f"data.fractions={self.data.fractions} needs one number in (0, 1] per data.json file")
         if self.mask_schedule not in ("ratio", "count"):
             raise ConfigError(f"mask_schedule={self.mask_schedule!r} must be 'ratio' or 'count'")
         if self.data.sft_padding not in ("eos", "mask"):

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from torch.utils.data import ConcatDataset, DataLoader, IterableDataset, Sampler, get_worker_info
+from torch.utils.data import ConcatDataset, DataLoader, IterableDataset, Sampler, Subset, get_worker_info
 
 from mmdlm.data.collate import Collator
 from mmdlm.data.llava import LlavaDataset
@@ -71,11 +71,24 @@ class Forever(IterableDataset):
                 yield sample
 
 
+def take_fractions(sets: list, fractions: list[float], seed: int) -> list:
+    """Return each set cut to a seeded random subset of its `data.fractions` entry (mixing ratios; [] = all)."""
+    out = []
+    for k, (dataset, fraction) in enumerate(zip(sets, fractions or [1.0] * len(sets))):
+        if fraction >= 1.0:
+            out.append(dataset)
+            continue
+        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed + k)).tolist()
+        out.append(Subset(dataset, sorted(order[: max(1, round(fraction * len(dataset)))])))
+    return out
+
+
 def build_loader(cfg: TrainConfig, collator: Collator, rank: int, world: int, skip_batches: int) -> DataLoader:
     """Return an endless DataLoader of collated batches for this rank, after `skip_batches` of them."""
     collate = WithIds(collator)
     if cfg.data.json:
         sets = [LlavaDataset(p, cfg.data.image_folder or Path(p).parent) for p in cfg.data.json]
+        sets = take_fractions(sets, cfg.data.fractions, cfg.seed)
         dataset = ConcatDataset(sets) if len(sets) > 1 else sets[0]
         sampler = ResumableBatchSampler(len(dataset), cfg.micro_batch_size, rank, world, cfg.seed, skip_batches)
         return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.data.num_workers)
