@@ -13,7 +13,7 @@ if [ ! -d "$out/sft/model" ]; then
     echo "run scripts/demo.sh first: it draws $out/world and trains $out/sft/model" >&2
     exit 2
 fi
-twin=(--set objective=autoregressive --set ar_loss_weight=0)
+twin=(--set objective=autoregressive --set ar_warmup_steps=0 --set ar_loss_weight=0)
 rm -rf "$out/ar_align" "$out/ar_sft"
 mmdlm-train --config configs/train/demo_align.yaml "${twin[@]}" --set "model_overrides=[lm.attention=causal]" \
     --set output_dir="$out/ar_align"

@@ -41,6 +41,14 @@ def test_tower_stage_learns_cells_and_its_tower_loads_into_the_next_stage(world,
     # The LM and projector stay freshly initialised: only the tower is taken over.
     assert not any(k.startswith(("lm.", "projector.")) for k in saved)
 
+    # A linear probe of that tower: only the heads train, and no tower is written.
+    probe = tmp_path / "probe"
+    assert tower.main(["--config", str(ROOT / "configs/train/demo_tower.yaml"),
+                       *[a for s in [*sets[:2], "max_steps=2", "batch_size=16", f"output_dir={probe}", "probe=true",
+                                     f"init_vision_from={out / 'model'}"] for a in ("--set", s)]]) == 0
+    assert json.loads((probe / "eval.json").read_text()).keys() == scores.keys()
+    assert not (probe / "model" / "vision.safetensors").exists()
+
     empty = tmp_path / "empty"
     empty.mkdir()
     cfg.init_vision_from = str(empty)

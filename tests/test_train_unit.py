@@ -18,7 +18,7 @@ from mmdlm.train.loader import ResumableBatchSampler, take_fractions
 from mmdlm.train.metrics import MetricsLog, NonFiniteGuard, TrainingDiverged
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ["align", "pretrain", "sft", "finetune", "demo_align", "demo_sft"]
+STAGES = ["align", "pretrain", "sft", "finetune", "demo_align", "demo_sft", "demo_tower_caption"]
 
 
 def tiny_model() -> MMDLM:

@@ -32,7 +32,7 @@ def build(cfg: TrainConfig):
         model = build_model(spec, vocab_size=max(len(tokenizer), spec.lm.get("vocab_size", 0)),
                             image_token_id=ids.image, mask_token_id=ids.mask)
     if cfg.init_vision_from:
-        load_vision(model, Path(cfg.init_vision_from))
+        load_vision(model.vision, Path(cfg.init_vision_from))
     if len(tokenizer) > model.lm.config.vocab_size:
         raise ConfigError(f"tokenizer has {len(tokenizer)} tokens, the model only {model.lm.config.vocab_size}: "
                           "use the tokenizer the model was trained with (data.tokenizer)")
@@ -56,7 +56,7 @@ def build(cfg: TrainConfig):
     return tokenizer, model.train()
 
 
-def load_vision(model: MMDLM, folder: Path) -> None:
+def load_vision(tower: torch.nn.Module, folder: Path) -> None:
     """Replace the tower's weights by the `vision.*` tensors of `folder`'s safetensors (all of them, or an error)."""
     from safetensors.torch import load_file
 
@@ -67,13 +67,13 @@ def load_vision(model: MMDLM, folder: Path) -> None:
     state = {}
     for f in files:
         state.update({k.removeprefix("vision."): v for k, v in load_file(str(f)).items() if k.startswith("vision.")})
-    own = model.vision.state_dict()
+    own = tower.state_dict()
     missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
     shapes = [k for k in set(own) & set(state) if own[k].shape != state[k].shape]
     if missing or unexpected or shapes:
         raise ConfigError(f"init_vision_from={str(folder)!r}: its tower does not fit the model's vision config "
                           f"(missing {missing[:3]}, unexpected {unexpected[:3]}, other shapes {shapes[:3]})")
-    model.vision.load_state_dict(state)
+    tower.load_state_dict(state)
 
 
 def param_groups(model: MMDLM, cfg: TrainConfig) -> list[dict]:

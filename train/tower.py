@@ -13,6 +13,8 @@ recipe for your own image-caption pairs is captioning through a small decoder,
 
 Output: `<output_dir>/model/vision.safetensors` (the tower's `vision.*` tensors), which a training
 config loads with `init_vision_from`, and `<output_dir>/eval.json` (held-out accuracy per attribute).
+`probe: true` with `init_vision_from: DIR` trains only the heads on DIR's frozen tower: a linear
+probe of how well any tower (e.g. one pretrained by captioning) sees the cells.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from mmdlm.data.scenes import CELL_ATTRIBUTES, GRID, cell_labels
 from mmdlm.encoders.processor import image_transform
 from mmdlm.encoders.tower import VisionTower
 from mmdlm.multimodal import ModelConfig
+from mmdlm.train.build import load_vision
 
 
 @dataclass
@@ -51,6 +54,10 @@ class TowerConfig:
     warmup_steps: int = 10
     seed: int = 0
     output_dir: str = "runs/demo/tower"
+    # Start from another run's tower (a model folder: init_vision_from); with probe: true it stays
+    # frozen and only the linear heads train, which measures how well that tower already sees.
+    init_vision_from: str | None = None
+    probe: bool = False
 
     def validate(self) -> None:
         if self.batch_size < 1 or self.max_steps < 1:
@@ -96,6 +103,7 @@ def cell_loss(logits: dict[str, torch.Tensor], labels: torch.Tensor) -> torch.Te
 @torch.no_grad()
 def evaluate(tower: VisionTower, heads: CellHeads, loader: DataLoader) -> dict[str, float]:
     """Return held-out accuracy per attribute on occupied cells, and of telling occupied from empty."""
+    mode = tower.training
     tower.eval()
     hits, occupied_hits, cells, total = torch.zeros(len(CELL_ATTRIBUTES)), 0, 0, 0
     for pixels, labels in loader:
@@ -105,7 +113,7 @@ def evaluate(tower: VisionTower, heads: CellHeads, loader: DataLoader) -> dict[s
             hits[k] += (out.argmax(-1) == labels[..., k])[occupied].sum()
         occupied_hits += ((logits["colour"].argmax(-1) > 0) == occupied).sum().item()
         cells, total = cells + int(occupied.sum()), total + occupied.numel()
-    tower.train()
+    tower.train(mode)
     scores = {name: round(100 * float(h) / max(1, cells), 2) for name, h in zip(CELL_ATTRIBUTES, hits)}
     return scores | {"occupied": round(100 * occupied_hits / max(1, total), 2)}
 
@@ -114,22 +122,26 @@ def pretrain(cfg: TowerConfig) -> Path:
     """Train the tower and its cell heads; return the folder holding vision.safetensors."""
     torch.manual_seed(cfg.seed)
     tower = VisionTower(from_dict(ModelConfig, load_yaml(cfg.model), cfg.model).vision)
-    if tower.cfg.frozen:
-        raise ConfigError(f"{cfg.model}: vision.frozen is true; a tower that pretrains must train")
+    if tower.cfg.frozen and not cfg.probe:
+        raise ConfigError(f"{cfg.model}: vision.frozen is true; a tower that pretrains must train (or set probe)")
+    if cfg.init_vision_from:
+        load_vision(tower, Path(cfg.init_vision_from))
     heads = CellHeads(tower.hidden_size)
     batches = Batches(image_transform(tower))
     train = torch.utils.data.ConcatDataset([LlavaDataset(p) for p in cfg.train])
     loader = DataLoader(train, batch_size=cfg.batch_size, shuffle=True, drop_last=True, collate_fn=batches,
                         generator=torch.Generator().manual_seed(cfg.seed))
-    params = [*tower.parameters(), *heads.parameters()]
+    params = [*heads.parameters()] + ([] if cfg.probe else [*tower.parameters()])
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / cfg.warmup_steps) * 0.5 * (
         1 + math.cos(math.pi * min(1.0, s / cfg.max_steps))))
-    tower.train()
-    step, bar = 0, tqdm(total=cfg.max_steps, desc="tower", dynamic_ncols=True)
+    tower.train(not cfg.probe)  # a probed tower keeps its BatchNorm statistics
+    step, bar = 0, tqdm(total=cfg.max_steps, desc="probe" if cfg.probe else "tower", dynamic_ncols=True)
     while step < cfg.max_steps:
         for pixels, labels in loader:
-            loss = cell_loss(heads(tower(pixels)), labels)
+            with torch.set_grad_enabled(not cfg.probe):
+                features = tower(pixels)
+            loss = cell_loss(heads(features), labels)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -143,8 +155,9 @@ def pretrain(cfg: TowerConfig) -> Path:
     bar.close()
     out = Path(cfg.output_dir)
     (out / "model").mkdir(parents=True, exist_ok=True)
-    save_file({f"vision.{k}": v.detach().contiguous() for k, v in tower.state_dict().items()},
-              str(out / "model" / "vision.safetensors"))
+    if not cfg.probe:  # a probe only measures
+        save_file({f"vision.{k}": v.detach().contiguous() for k, v in tower.state_dict().items()},
+                  str(out / "model" / "vision.safetensors"))
     if cfg.val:
         scores = evaluate(tower, heads, DataLoader(LlavaDataset(cfg.val), batch_size=256, collate_fn=batches))
         (out / "eval.json").write_text(json.dumps(scores, indent=1))
