@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mmdlm.config import ConfigError
+
 
 @dataclass
 class ProjectorConfig:
@@ -31,9 +33,9 @@ class Projector(nn.Module):
         elif cfg.type == "linear":
             self.proj = nn.Linear(vision_width, lm_width)
         else:
-            raise ValueError(f"projector.type={cfg.type!r} must be 'mlp2x_gelu' or 'linear'")
+            raise ConfigError(f"projector.type={cfg.type!r} must be 'mlp2x_gelu' or 'linear'")
         if cfg.pool < 1:
-            raise ValueError(f"projector.pool={cfg.pool} must be >= 1")
+            raise ConfigError(f"projector.pool={cfg.pool} must be >= 1")
         self.pool = cfg.pool
 
     def num_tokens(self, vision_tokens: int) -> int:
@@ -42,7 +44,7 @@ class Projector(nn.Module):
             return vision_tokens
         side = math.isqrt(vision_tokens)
         if side * side != vision_tokens:
-            raise ValueError(f"projector.pool={self.pool} needs a square grid of patch tokens, got {vision_tokens} "
+            raise ConfigError(f"projector.pool={self.pool} needs a square grid of patch tokens, got {vision_tokens} "
                              "(with vision.use_cls=true the class token breaks the grid)")
         return math.ceil(side / self.pool) ** 2
 

@@ -132,7 +132,7 @@ class MMDLM(PreTrainedModel):
         folder = Path(folder)
         weights = sorted(folder.glob("model*.safetensors"))
         if not (folder / "config.json").is_file() or not weights:
-            raise FileNotFoundError(f"{folder}: not a model folder (needs config.json and model*.safetensors)")
+            raise ConfigError(f"{folder}: not a model folder (needs config.json and model*.safetensors)")
         config = MMDLMConfig.from_pretrained(folder)
         config.vision["weights"] = None  # the folder's own weights replace the tower's original file
         with torch.device("meta"):
@@ -183,7 +183,7 @@ def build_model(spec: str | Path | dict | ModelConfig, vocab_size: int | None = 
     lm = None
     if spec.lm_path:
         if not (Path(spec.lm_path) / "config.json").is_file():
-            raise FileNotFoundError(f"lm_path={spec.lm_path!r} is not a model folder: convert LLaDA first "
+            raise ConfigError(f"lm_path={spec.lm_path!r} is not a model folder: convert LLaDA first "
                                     "(mmdlm-convert-llada SRC DST) and set lm_path to DST")
         lm = DiffusionLM.from_pretrained(spec.lm_path)
         if vocab_size is not None and vocab_size > lm.config.vocab_size:

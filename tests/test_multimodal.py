@@ -141,7 +141,7 @@ def test_lm_path_loads_the_language_model(tmp_path):
     assert torch.equal(model.lm.embed_tokens.weight[:420], saved.embed_tokens.weight)
     with pytest.raises(ConfigError, match=r"lm sizes disagree .*'hidden_size': \(64, 32\)"):
         build_model(dict(vision=TIMM_VIT, lm_path=str(tmp_path / "lm"), lm=dict(hidden_size=64)))
-    with pytest.raises(FileNotFoundError, match="lm_path='/nowhere'"):
+    with pytest.raises(ConfigError, match="lm_path='/nowhere'"):
         build_model(dict(vision=TIMM_VIT, lm_path="/nowhere"))
 
 
