@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mmdlm.config import ConfigError
+from mmdlm.data.errors import ON_ERROR
 
 MODULES = ("vision", "projector", "lm")
 
@@ -25,6 +26,7 @@ class DataConfig:
     shuffle_buffer: int = 1000
     resampled: bool = False  # shards sampled with replacement (very large corpora, many nodes)
     log_sample_ids: bool = False  # write <output_dir>/samples/rank<r>.jsonl: the ids of every micro-batch
+    on_error: str = "stop"  # a broken JSON entry: stop (with its name) or skip (one warning line, counted)
 
 
 @dataclass
@@ -89,6 +91,8 @@ class TrainConfig:
             raise ConfigError(f"objective={self.objective!r} must be 'diffusion' or 'autoregressive'")
         if bool(self.data.json) == bool(self.data.shards):
             raise ConfigError("set exactly one of data.json (conversations) or data.shards (documents)")
+        if self.data.on_error not in ON_ERROR:
+            raise ConfigError(f"data.on_error={self.data.on_error!r} must be one of {ON_ERROR}")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ConfigError(f"precision={self.precision!r} must be auto, fp32 or bf16")
         for name in ("micro_batch_size", "grad_accum", "max_steps", "log_every", "max_nonfinite", "keep_checkpoints"):
