@@ -37,9 +37,6 @@ class ResumableBatchSampler(Sampler[list[int]]):
     """
 
     def __init__(self, size: int, batch_size: int, rank: int, world: int, seed: int, epoch: int = 0, offset: int = 0):
-        if size < batch_size * world:
-            raise ConfigError(f"{size} samples cannot fill a batch of {batch_size} on each of {world} ranks: "
-                              "lower micro_batch_size or add data")
         self.size, self.batch_size, self.seed = size, batch_size, seed
         self.rank, self.world = rank, world
         self.epoch, self.offset = advance(size, batch_size * world, epoch, offset, 0)
@@ -56,6 +53,9 @@ class ResumableBatchSampler(Sampler[list[int]]):
 
 def advance(size: int, round_: int, epoch: int, offset: int, rounds: int) -> tuple[int, int]:
     """Return the (epoch, offset) reached from (epoch, offset) after `rounds` rounds of `round_` samples each."""
+    if size < round_:
+        raise ConfigError(f"{size} samples cannot fill a batch on every rank (micro_batch_size x ranks = {round_}): "
+                          "lower micro_batch_size or add data")
     if size - offset < round_:  # the previous run stopped at this epoch's ragged tail: it is over
         epoch, offset = epoch + 1, 0
     left = (size - offset) // round_  # whole rounds left in this epoch
