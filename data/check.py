@@ -12,10 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import webdataset as wds
-from PIL import Image
 
 from mmdlm.data.errors import DataError
-from mmdlm.data.llava import entry_images, entry_name, entry_problems, read_json_list
+from mmdlm.data.llava import entry_images, entry_name, entry_problems, read_image, read_json_list
 from mmdlm.data.shards import decode_sample, describe, expand_shards
 from mmdlm.data.template import ChatEncoder, place_image_tokens
 
@@ -58,10 +57,9 @@ class LengthCheck:
 
 def _image_problem(path: Path) -> str | None:
     try:
-        with Image.open(path) as image:
-            image.load()
-    except (OSError, ValueError) as error:
-        return f"unreadable ({error})"
+        read_image(path)
+    except DataError as error:
+        return str(error)
     return None
 
 

@@ -12,7 +12,7 @@ import argparse
 import sys
 import time
 
-from mmdlm.data.errors import DataError
+from mmdlm.errors import report_user_errors
 
 
 def _synth(args: argparse.Namespace) -> int:
@@ -83,11 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; return the exit code (0 clean, 1 problems found, 2 unreadable input)."""
     args = build_parser().parse_args(argv)
-    try:
-        return args.run(args)
-    except DataError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    return report_user_errors(lambda: args.run(args))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,11 @@
 """The one exception the data layer raises for bad input: its message names the file, the entry and the fix."""
 
+from mmdlm.errors import UserError
 
-class DataError(ValueError):
+ON_ERROR = ("stop", "skip")  # data.on_error: a bad JSON entry stops the run, or is skipped, warned about and counted
+
+
+class DataError(UserError):
     """A data file, entry, image or shard that cannot be used as it is."""
 
 

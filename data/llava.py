@@ -16,7 +16,8 @@ from pathlib import Path
 from PIL import Image
 from torch.utils.data import Dataset
 
-from mmdlm.data.errors import DataError, DataWarning
+from mmdlm.config import ConfigError
+from mmdlm.data.errors import ON_ERROR, DataError, DataWarning
 from mmdlm.data.template import conversation_problems, place_image_tokens
 
 
@@ -54,6 +55,17 @@ def entry_images(entry: dict) -> list[str]:
     raise DataError(f"'image' must be a path, a list of paths or absent, got {image!r}")
 
 
+def read_image(path: Path) -> Image.Image:
+    """Return the image at `path` as RGB; DataError saying why not (corrupt, truncated, a decompression bomb)."""
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")  # decodes now: a truncated file fails here, not in a batch
+    except Image.DecompressionBombError as error:  # not an OSError: Pillow refuses before allocating
+        raise DataError(f"too large to decode safely ({error}); downscale it") from error
+    except (OSError, ValueError, SyntaxError) as error:  # UnidentifiedImageError is an OSError
+        raise DataError(f"unreadable ({error})") from error
+
+
 def entry_problems(entry: object, image_folder: Path, check_files: bool = True) -> list[str]:
     """Return what is wrong with one entry (empty when it can train)."""
     if not isinstance(entry, dict):
@@ -76,14 +88,16 @@ def entry_problems(entry: object, image_folder: Path, check_files: bool = True) 
 class LlavaDataset(Dataset):
     """Samples `{"id", "images": [PIL RGB], "conversations": [...]}` with '<image>' placeholders in place.
 
-    on_error="raise": a bad entry stops loading with a DataError naming it (the default, so a typo in a
-    custom set is seen at once); "skip": bad entries are dropped with one warning, and an image that
-    fails to decode makes `__getitem__` return None, which the Collator drops.
+    on_error="stop": a bad entry stops loading with a DataError naming it (the default, so a typo in a
+    custom set is seen at once); "skip": each bad entry is dropped with one warning line naming it
+    (the first `max_warnings`; all are counted in `skipped`), and an image that fails to decode
+    makes `__getitem__` return None, which the Collator drops and counts.
     """
 
-    def __init__(self, json_path: str | Path, image_folder: str | Path | None = None, on_error: str = "raise"):
-        if on_error not in ("raise", "skip"):
-            raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+    def __init__(self, json_path: str | Path, image_folder: str | Path | None = None, on_error: str = "stop",
+                 max_warnings: int = 20):
+        if on_error not in ON_ERROR:
+            raise ConfigError(f"data.on_error={on_error!r} must be one of {ON_ERROR}")
         self.json_path = Path(json_path)
         self.image_folder = Path(image_folder) if image_folder is not None else self.json_path.parent
         self.on_error = on_error
@@ -94,11 +108,13 @@ class LlavaDataset(Dataset):
                 bad.append(f"{entry_name(self.json_path, entry, index)}: {problems[0]}")
             else:
                 self.entries.append((index, entry))
-        if bad and on_error == "raise":
+        if bad and on_error == "stop":
             more = f" (and {len(bad) - 1} more; `mmdlm-data check {self.json_path}` lists them)" if len(bad) > 1 else ""
-            raise DataError(bad[0] + more)
-        if bad:
-            warnings.warn(f"{self.json_path}: skipped {len(bad)} bad entries, first: {bad[0]}", DataWarning, 2)
+            raise DataError(bad[0] + more + "; set data.on_error=skip to train without the bad entries")
+        for number, line in enumerate(bad[:max_warnings], start=1):
+            more = number == max_warnings < len(bad)
+            warnings.warn(f"skipped {line}" + (f" ({len(bad) - number} more: counted, not shown)" if more else ""),
+                          DataWarning, 2)
         self.skipped = len(bad)
 
     def __len__(self) -> int:
@@ -110,13 +126,12 @@ class LlavaDataset(Dataset):
         images = []
         for path in paths:
             try:
-                with Image.open(self.image_folder / path) as image:
-                    images.append(image.convert("RGB"))
-            except (OSError, ValueError) as error:  # PIL raises UnidentifiedImageError (an OSError) for bad bytes
-                message = f"{entry_name(self.json_path, entry, position)}: image '{path}' unreadable ({error})"
-                if self.on_error == "raise":
+                images.append(read_image(self.image_folder / path))
+            except DataError as error:
+                message = f"{entry_name(self.json_path, entry, position)}: image '{path}' {error}"
+                if self.on_error == "stop":
                     raise DataError(message) from error
-                warnings.warn(message + "; sample skipped", DataWarning, 2)
+                warnings.warn(f"skipped {message}", DataWarning, 2)
                 return None
         sample_id = str(entry.get("id", position))
         conversations = place_image_tokens(entry["conversations"], len(paths))

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mmdlm.config import ConfigError
+
 
 @dataclass
 class ProjectorConfig:
@@ -38,11 +40,11 @@ class Projector(nn.Module):
         elif cfg.type == "linear":
             self.proj = nn.Linear(vision_width, lm_width)
         else:
-            raise ValueError(f"projector.type={cfg.type!r} must be 'mlp2x_gelu' or 'linear'")
+            raise ConfigError(f"projector.type={cfg.type!r} must be 'mlp2x_gelu' or 'linear'")
         if cfg.pool < 1 or cfg.grid < 0:
-            raise ValueError(f"projector.pool={cfg.pool} must be >= 1 and projector.grid={cfg.grid} >= 0")
+            raise ConfigError(f"projector.pool={cfg.pool} must be >= 1 and projector.grid={cfg.grid} >= 0")
         if cfg.pool > 1 and cfg.grid:
-            raise ValueError("set projector.pool or projector.grid, not both")
+            raise ConfigError("set projector.pool or projector.grid, not both")
         self.pool, self.grid = cfg.pool, cfg.grid
         self.pos_embed = None
         if cfg.pos_embed:
@@ -56,7 +58,7 @@ class Projector(nn.Module):
             return vision_tokens
         side = math.isqrt(vision_tokens)
         if side * side != vision_tokens:
-            raise ValueError(f"projector.pool/grid need a square grid of patch tokens, got {vision_tokens} "
+            raise ConfigError(f"projector.pool/grid need a square grid of patch tokens, got {vision_tokens} "
                              "(with vision.use_cls=true the class token breaks the grid)")
         return self.grid**2 if self.grid else math.ceil(side / self.pool) ** 2
 

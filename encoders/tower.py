@@ -20,6 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from mmdlm.config import ConfigError
+
 HUB_PREFIXES = ("hf-hub:", "hf_hub:")  # names that make timm / open_clip fetch configs or weights
 
 
@@ -43,12 +45,12 @@ class VisionConfig:
 
     def validate(self) -> None:
         if self.backend not in ("timm", "open_clip"):
-            raise ValueError(f"vision.backend={self.backend!r} must be 'timm' or 'open_clip'")
+            raise ConfigError(f"vision.backend={self.backend!r} must be 'timm' or 'open_clip'")
         if self.model.startswith(HUB_PREFIXES):
-            raise ValueError(f"vision.model={self.model!r} names a hub model: this project never downloads; "
+            raise ConfigError(f"vision.model={self.model!r} names a hub model: this project never downloads; "
                              "set vision.model to a library model name and vision.weights to a local file")
         if self.weights is not None and not Path(self.weights).is_file():
-            raise FileNotFoundError(
+            raise ConfigError(
                 f"vision.weights={self.weights!r} is not a file: set vision.weights to a local checkpoint "
                 "(this project never downloads weights) or to null for random init"
             )
@@ -97,7 +99,7 @@ def _create_open_clip(cfg: VisionConfig) -> nn.Module:
 
     model_cfg = open_clip.get_model_config(cfg.model)
     if model_cfg is None:
-        raise ValueError(f"vision.model={cfg.model!r} is not an open_clip model (see open_clip.list_models())")
+        raise ConfigError(f"vision.model={cfg.model!r} is not an open_clip model (see open_clip.list_models())")
     structure = {k: v for k, v in cfg.overrides.items() if k in model_cfg}
     arguments = {k: v for k, v in cfg.overrides.items() if k not in model_cfg}
     merged = _merge(model_cfg, structure)
@@ -132,11 +134,11 @@ class VisionTower(nn.Module):
         # open_clip wraps timm towers (its SigLIPs) in `.trunk` + an adapter head.
         trunk = getattr(self.backbone, "trunk", self.backbone)
         if not hasattr(trunk, "forward_intermediates"):
-            raise ValueError(f"vision.model={cfg.model!r} has no forward_intermediates in this {cfg.backend} version: "
+            raise ConfigError(f"vision.model={cfg.model!r} has no forward_intermediates in this {cfg.backend} version: "
                              "pick a model that has (ViT, SigLIP, ResNet, ConvNeXt, ...)")
         if cfg.use_cls and cfg.backend == "timm" and \
                 "return_prefix_tokens" not in inspect.signature(trunk.forward_intermediates).parameters:
-            raise ValueError(f"vision.use_cls=true, but {cfg.model} has no class token: set vision.use_cls=false")
+            raise ConfigError(f"vision.use_cls=true, but {cfg.model} has no class token: set vision.use_cls=false")
         self.layer = cfg.feature_layer
         if hasattr(trunk, "prune_intermediate_layers"):
             # Intermediates are taken before the final norm (LLaVA's hidden_states[-2]), so the norm
@@ -181,5 +183,5 @@ class VisionTower(nn.Module):
         if not self.cfg.use_cls:
             return patches  # [N, T, C]
         if prefix is None or prefix.shape[1] == 0:
-            raise ValueError(f"vision.use_cls=true, but {self.cfg.model} has no class token: set vision.use_cls=false")
+            raise ConfigError(f"vision.use_cls=true, but {self.cfg.model} has no class token: set vision.use_cls=false")
         return torch.cat([prefix, patches], dim=1)  # [N, P + T, C]

@@ -266,14 +266,9 @@ def main(argv: list[str] | None = None) -> int:
         return synthetic(args)
     if args.data is None:
         p.error("--model needs --data (the demo world folder with test/qa.json and test/captions.json)")
-    from mmdlm.data.errors import DataError
-    from mmdlm.infer.infer import InferError
+    from mmdlm.errors import report_user_errors
 
-    try:
-        return with_model(args)
-    except (InferError, DataError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    return report_user_errors(lambda: with_model(args))
 
 
 if __name__ == "__main__":

@@ -19,6 +19,8 @@ import re
 import sys
 from pathlib import Path
 
+from mmdlm.errors import UserError, report_user_errors
+
 # Punctuation the VQA normaliser removes; "." and "'" are handled apart (decimals, contractions).
 _PUNCTUATION = ';/[]"{}()=+\\_-><@`,?!'
 _DIGIT_COMMA_DIGIT = re.compile(r"(\d)(,)(\d)")
@@ -45,7 +47,7 @@ _WORDS_TOO = {"hell", "id", "ill", "its", "lets", "shed", "shell", "wed", "well"
 _CONTRACTION_OF = {c.replace("'", ""): c for c in _CONTRACTIONS if c.replace("'", "") not in _WORDS_TOO}
 
 
-class EvalError(ValueError):
+class EvalError(UserError):
     """A predictions or references file that cannot be scored; the message names it and the fix."""
 
 
@@ -168,7 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     metric = args.metric
     if metric == "auto":
         metric = "cider" if "caption" in Path(args.references).name else "vqa"
-    try:
+
+    def run() -> int:
         predictions, references = load_predictions(args.predictions), load_references(args.references)
         result = score(predictions, references, metric)
         if metric != "cider":  # and one line per question type, where the set names them
@@ -176,12 +179,11 @@ def main(argv: list[str] | None = None) -> int:
             for kind in sorted({types[i] for i in predictions if i in types}):
                 subset = {i: a for i, a in predictions.items() if types.get(i) == kind}
                 result[f"{metric}[{kind}]"] = score(subset, references, metric)[metric]
-    except EvalError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    for name, value in result.items():
-        print(f"{name}: {value:.2f}")
-    return 0
+        for name, value in result.items():
+            print(f"{name}: {value:.2f}")
+        return 0
+
+    return report_user_errors(run)
 
 
 if __name__ == "__main__":

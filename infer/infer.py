@@ -30,6 +30,7 @@ from mmdlm.data.llava import entry_images, entry_name, read_json_list
 from mmdlm.data.synthetic import CAPTION_PROMPT
 from mmdlm.data.template import ChatEncoder, expand_image_runs, place_image_tokens, turn_role
 from mmdlm.data.tokenizer import load_tokenizer, special_ids
+from mmdlm.errors import UserError, report_user_errors
 from mmdlm.sampling import SamplerConfig, generate
 
 # Short answers fit one block; captions run in two semi-autoregressive blocks. Threshold decoding
@@ -40,7 +41,7 @@ TASK_DEFAULTS = {
 }
 
 
-class InferError(ValueError):
+class InferError(UserError):
     """A request that cannot be answered; the message names the file or option and the fix."""
 
 
@@ -342,11 +343,7 @@ def show_steps(target: str, result) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return run(args)
-    except (InferError, DataError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    return report_user_errors(lambda: run(args))
 
 
 if __name__ == "__main__":

@@ -15,10 +15,12 @@ from typing import Any, TypeVar
 
 import yaml
 
+from mmdlm.errors import UserError
+
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A config file or override that does not fit its dataclass."""
 
 

@@ -9,12 +9,13 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import sys
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
+from mmdlm.config import ConfigError
+from mmdlm.errors import report_user_errors
 from mmdlm.model import DiffusionLM, DLMConfig
 
 # LLaDA config field -> DLMConfig field.
@@ -53,7 +54,7 @@ _PATTERNS = [(re.compile("^" + re.escape(src).replace(r"\{i\}", r"(\d+)") + "$")
 
 
 def llada_config(llada: dict) -> DLMConfig:
-    """Return the DLMConfig for a LLaDA config dict; unsupported LLaDA options raise ValueError."""
+    """Return the DLMConfig for a LLaDA config dict; unsupported LLaDA options raise ConfigError."""
     unsupported = {
         "include_bias": True,
         "block_type": lambda v: v not in ("llama", None),
@@ -63,7 +64,7 @@ def llada_config(llada: dict) -> DLMConfig:
     for field, bad in unsupported.items():
         value = llada.get(field)
         if (bad(value) if callable(bad) else value == bad) and value is not None:
-            raise ValueError(f"LLaDA config {field}={value!r} is not supported by this model")
+            raise ConfigError(f"LLaDA config {field}={value!r} is not supported by this model")
     kwargs = {dst: llada[src] for src, dst in CONFIG_FIELDS.items() if src in llada}
     if llada.get("embedding_size"):
         kwargs["vocab_size"] = llada["embedding_size"]
@@ -71,7 +72,7 @@ def llada_config(llada: dict) -> DLMConfig:
 
 
 def llada_state_dict(state: dict[str, torch.Tensor], num_layers: int) -> dict[str, torch.Tensor]:
-    """Return `state` renamed to DiffusionLM keys; unknown or missing keys raise KeyError listing them."""
+    """Return `state` renamed to DiffusionLM keys; unknown or missing keys raise ConfigError listing them."""
     out, unknown = {}, []
     for key, tensor in state.items():
         for pattern, dst in _PATTERNS:
@@ -84,7 +85,7 @@ def llada_state_dict(state: dict[str, torch.Tensor], num_layers: int) -> dict[st
     expected = {dst.replace("{i}", str(i)) for dst in KEY_MAP.values() for i in range(num_layers)}
     missing = sorted(expected - set(out))
     if unknown or missing:
-        raise KeyError(
+        raise ConfigError(
             f"LLaDA checkpoint does not match the config: unexpected keys {unknown[:8]}, missing {missing[:8]}"
         )
     return out
@@ -93,7 +94,7 @@ def llada_state_dict(state: dict[str, torch.Tensor], num_layers: int) -> dict[st
 def _read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
     files = sorted(folder.glob("model*.safetensors"))
     if not files:
-        raise FileNotFoundError(f"{folder}: no model*.safetensors weights (LLaDA checkpoints ship safetensors shards)")
+        raise ConfigError(f"{folder}: no model*.safetensors weights (LLaDA checkpoints ship safetensors shards)")
     state: dict[str, torch.Tensor] = {}
     for f in files:
         state.update(load_file(str(f)))
@@ -105,7 +106,7 @@ def load_llada(folder: str | Path, dtype: torch.dtype = torch.float32) -> Diffus
     folder = Path(folder)
     cfg_path = folder / "config.json"
     if not cfg_path.is_file():
-        raise FileNotFoundError(f"{folder}: no config.json; pass the folder of a LLaDA checkpoint")
+        raise ConfigError(f"{folder}: no config.json; pass the folder of a LLaDA checkpoint")
     config = llada_config(json.loads(cfg_path.read_text()))
     state = llada_state_dict(_read_state_dict(folder), config.num_hidden_layers)
     with torch.device("meta"):
@@ -120,19 +121,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("dst", help="output folder (save_pretrained format)")
     parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
     args = parser.parse_args(argv)
-    try:
-        model = load_llada(args.src, getattr(torch, args.dtype))
-    except (FileNotFoundError, KeyError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    model.save_pretrained(args.dst)
-    for tok_file in Path(args.src).glob("tokenizer*"):  # keep the tokenizer beside the weights
-        (Path(args.dst) / tok_file.name).write_bytes(tok_file.read_bytes())
+    return report_user_errors(lambda: convert(args.src, args.dst, args.dtype))
+
+
+def convert(src: str, dst: str, dtype: str) -> int:
+    """Write the mmdlm model folder `dst` converted from the LLaDA folder `src`; return 0."""
+    model = load_llada(src, getattr(torch, dtype))
+    model.save_pretrained(dst)
+    for tok_file in Path(src).glob("tokenizer*"):  # keep the tokenizer beside the weights
+        (Path(dst) / tok_file.name).write_bytes(tok_file.read_bytes())
     for name in ("special_tokens_map.json",):
-        if (Path(args.src) / name).is_file():
-            (Path(args.dst) / name).write_bytes((Path(args.src) / name).read_bytes())
+        if (Path(src) / name).is_file():
+            (Path(dst) / name).write_bytes((Path(src) / name).read_bytes())
     n = sum(p.numel() for p in model.parameters())
-    print(f"wrote {args.dst}: {n / 1e9:.2f} B parameters, {args.dtype}")
+    print(f"wrote {dst}: {n / 1e9:.2f} B parameters, {dtype}")
     return 0
 
 

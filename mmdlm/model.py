@@ -18,6 +18,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
 
 from mmdlm.cache import KVCache
+from mmdlm.config import ConfigError
 
 
 class DLMConfig(PretrainedConfig):
@@ -80,7 +81,7 @@ class DLMConfig(PretrainedConfig):
         if self.mask_token_id is not None and not 0 <= self.mask_token_id < self.vocab_size:
             problems.append(f"mask_token_id={self.mask_token_id} is outside vocab_size={self.vocab_size}")
         if problems:
-            raise ValueError("inconsistent DLMConfig: " + "; ".join(problems))
+            raise ConfigError("inconsistent DLMConfig: " + "; ".join(problems))
 
 
 class RMSNorm(nn.Module):

@@ -74,7 +74,22 @@ class MMDLM(PreTrainedModel):
         return image_transform(self.vision)
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Return projected image tokens [N, num_image_tokens, D] for pixel_values [N, 3, H, W]."""
+        """Return projected image tokens [N, num_image_tokens, D] for pixel_values [N, 3, H, W].
+
+        In training, N = 0 (a text-only batch) still runs the tower and projector, on one blank
+        image, and returns an empty slice of that output: every rank runs and gathers the same
+        modules each step (ZeRO-3 gathers each module's weights collectively, ZeRO-2 / DDP reduce
+        every gradient, so a rank that skipped the tower would hang or mismatch the others), and the
+        tower's weights get zero gradients instead of none. LLaVA's fix, in one place.
+        """
+        if pixel_values.shape[0] == 0 and self.training:
+            blank = torch.zeros(1, 3, *self.vision.input_size, device=pixel_values.device, dtype=self.dtype)
+            tower_training = self.vision.training
+            self.vision.eval()  # the blank image must not move BatchNorm's running statistics
+            try:
+                return self.projector(self.vision(blank))[:0]  # [0, T, D], still in the autograd graph
+            finally:
+                self.vision.train(tower_training)
         return self.projector(self.vision(pixel_values))
 
     def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
@@ -84,18 +99,15 @@ class MMDLM(PreTrainedModel):
         Runs are filled in row-major order, one image per `num_image_tokens` ids, so adjacent images
         may form one longer run. `image_features` [N, T, D] (from encode_images) skips the tower.
         """
-        embeds = self.lm.get_input_embeddings()(input_ids)  # [B, L, D]
         is_image = input_ids == self.config.image_token_id  # [B, L]
-        if image_features is None and pixel_values is not None and pixel_values.shape[0] > 0:
-            image_features = self.encode_images(pixel_values)
+        if image_features is None and pixel_values is None and self.training:
+            pixel_values = torch.zeros(0, 3, *self.vision.input_size, device=input_ids.device)  # text only
+        if image_features is None and pixel_values is not None and (pixel_values.shape[0] or self.training):
+            image_features = self.encode_images(pixel_values)  # the tower before the embeddings, on every batch
         n_images = 0 if image_features is None else image_features.shape[0]
         self._check_runs(is_image, n_images)
-        if n_images == 0:
-            if self.training:
-                # Every rank must run the same modules each step (ZeRO-3 / DDP hang otherwise):
-                # a text-only batch still runs the tower, on a blank image, and adds 0 x its output.
-                blank = torch.zeros(1, 3, *self.vision.input_size, device=embeds.device)
-                embeds = embeds + 0.0 * self.encode_images(blank).sum()
+        embeds = self.lm.get_input_embeddings()(input_ids)  # [B, L, D]
+        if image_features is None:
             return embeds
         return embeds.masked_scatter(is_image[..., None], image_features.to(embeds.dtype))
 
@@ -134,7 +146,7 @@ class MMDLM(PreTrainedModel):
         folder = Path(folder)
         weights = sorted(folder.glob("model*.safetensors"))
         if not (folder / "config.json").is_file() or not weights:
-            raise FileNotFoundError(f"{folder}: not a model folder (needs config.json and model*.safetensors)")
+            raise ConfigError(f"{folder}: not a model folder (needs config.json and model*.safetensors)")
         config = MMDLMConfig.from_pretrained(folder)
         config.vision["weights"] = None  # the folder's own weights replace the tower's original file
         with torch.device("meta"):
@@ -185,7 +197,7 @@ def build_model(spec: str | Path | dict | ModelConfig, vocab_size: int | None = 
     lm = None
     if spec.lm_path:
         if not (Path(spec.lm_path) / "config.json").is_file():
-            raise FileNotFoundError(f"lm_path={spec.lm_path!r} is not a model folder: convert LLaDA first "
+            raise ConfigError(f"lm_path={spec.lm_path!r} is not a model folder: convert LLaDA first "
                                     "(mmdlm-convert-llada SRC DST) and set lm_path to DST")
         lm = DiffusionLM.from_pretrained(spec.lm_path)
         if vocab_size is not None and vocab_size > lm.config.vocab_size:

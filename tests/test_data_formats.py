@@ -2,6 +2,8 @@
 
 import io
 import json
+import struct
+import zlib
 
 import pytest
 from PIL import Image
@@ -148,9 +150,12 @@ def test_llava_conversation_without_answer(tmp_path):
                {"id": "e", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "  "}]}]
     with pytest.raises(DataError, match=r"entry id=q: conversation has no answer .* \(and 1 more"):
         LlavaDataset(write_set(tmp_path, entries))
-    with pytest.warns(DataWarning, match="skipped 2 bad entries"):
+    with pytest.warns(DataWarning) as caught:
         data = LlavaDataset(write_set(tmp_path, entries), on_error="skip")
     assert len(data) == 0 and data.skipped == 2
+    assert [str(w.message) for w in caught] == [  # one line per skipped entry, naming it
+        "skipped qa.json entry id=q: conversation has no answer (no non-empty 'gpt' turn)",
+        "skipped qa.json entry id=e: turn 1: empty answer"]
 
 
 def test_llava_corrupt_image(tmp_path):
@@ -161,7 +166,7 @@ def test_llava_corrupt_image(tmp_path):
     with pytest.raises(DataError, match=r"qa.json entry id=c: image 'bad.jpg' unreadable"):
         data[0]
     skipping = LlavaDataset(write_set(tmp_path, entries), on_error="skip")
-    with pytest.warns(DataWarning, match="sample skipped"):
+    with pytest.warns(DataWarning, match=r"^skipped qa.json entry id=c: image 'bad.jpg' unreadable"):
         assert skipping[0] is None
 
 
@@ -193,6 +198,45 @@ def test_check_clean_and_broken_json(tmp_path, tokenizer_dir, capsys):
     assert "broken.json entry id=long: over-long: " in out
     assert main([*args, "--limit", "2"]) == 1
     assert "... 3 more problem(s) not shown" in capsys.readouterr().out
+
+
+def white_png(width: int, height: int) -> bytes:
+    """Return a valid 1-bit PNG of width x height white pixels (a 20000 x 20000 one is a decompression bomb: ~60 kB)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    packer, row = zlib.compressobj(9), b"\0" + b"\xff" * ((width + 7) // 8)  # filter byte + packed bits
+    data = b"".join(packer.compress(row) for _ in range(height)) + packer.flush()
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)  # 1-bit greyscale
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", data) + chunk(b"IEND", b"")
+
+
+def test_a_decompression_bomb_is_a_bad_image_like_any_other(tmp_path, capsys):
+    assert Image.open(io.BytesIO(white_png(16, 8))).convert("L").getpixel((15, 7)) == 255  # the writer is right
+    (tmp_path / "bomb.png").write_bytes(white_png(20000, 20000))
+    solid((0, 0, 0)).save(tmp_path / "ok.png")
+    turns = [{"from": "human", "value": "Q?"}, {"from": "gpt", "value": "A"}]
+    entries = [{"id": "ok", "image": "ok.png", "conversations": turns},
+               {"id": "bomb", "image": "bomb.png", "conversations": turns}]
+    path = write_set(tmp_path, entries)
+    assert main(["check", str(path)]) == 1
+    captured = capsys.readouterr()
+    assert "1 problem(s)" in captured.out and "Traceback" not in captured.err
+    assert "qa.json entry id=bomb: image 'bomb.png' too large to decode safely (Image size (400000000 pixels)" \
+        in captured.out
+    with pytest.raises(DataError, match="entry id=bomb: image 'bomb.png' too large to decode safely"):
+        LlavaDataset(path)[1]
+    with pytest.warns(DataWarning, match="^skipped qa.json entry id=bomb: image 'bomb.png' too large"):
+        assert LlavaDataset(path, on_error="skip")[1] is None
+
+
+def test_on_error_is_stop_or_skip(tmp_path):
+    entries = [{"id": "q", "conversations": [{"from": "human", "value": "Hello?"}]}]
+    with pytest.raises(DataError, match=r"entry id=q: conversation has no answer .*; set data.on_error=skip"):
+        LlavaDataset(write_set(tmp_path, entries))
+    with pytest.raises(ValueError, match=r"data.on_error='raise' must be one of \('stop', 'skip'\)"):
+        LlavaDataset(write_set(tmp_path, entries), on_error="raise")
 
 
 def test_check_unreadable_input_exits_2(tmp_path, capsys):

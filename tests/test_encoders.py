@@ -6,6 +6,7 @@ import timm
 import torch
 from PIL import Image
 
+from mmdlm.config import ConfigError
 from mmdlm.encoders.processor import image_transform
 from mmdlm.encoders.projector import Projector, ProjectorConfig
 from mmdlm.encoders.tower import VisionConfig, VisionTower
@@ -90,7 +91,7 @@ def test_timm_weights_come_from_a_local_file(tmp_path):
 
 
 def test_errors_name_the_config_key(tmp_path):
-    with pytest.raises(FileNotFoundError, match="vision.weights"):
+    with pytest.raises(ConfigError, match="vision.weights"):
         VisionTower(VisionConfig(**TIMM_VIT, weights=str(tmp_path / "nope.safetensors")))
     with pytest.raises(ValueError, match="vision.backend"):
         VisionTower(VisionConfig(backend="hub", model="x"))

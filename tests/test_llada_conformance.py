@@ -6,6 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from mmdlm.config import ConfigError
 from mmdlm.llada import llada_config, load_llada, main
 from mmdlm.model import DiffusionLM
 from mmdlm.sampling import SamplerConfig, generate
@@ -66,7 +67,7 @@ def test_checkpoint_with_wrong_keys_is_a_clear_error(llada_fixtures, tmp_path):
     del state["model.transformer.blocks.1.up_proj.weight"]
     save_file(state, str(tmp_path / "model.safetensors"))
     (tmp_path / "config.json").write_text((src / "config.json").read_text())
-    with pytest.raises(KeyError, match=r"blocks\.0\.extra.*layers\.1\.mlp\.up_proj"):
+    with pytest.raises(ConfigError, match=r"blocks\.0\.extra.*layers\.1\.mlp\.up_proj"):
         load_llada(tmp_path)
     assert main([str(tmp_path), str(tmp_path / "out")]) == 2
 

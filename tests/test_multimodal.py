@@ -82,6 +82,11 @@ def test_text_only_batch_still_runs_the_tower_in_training():
     logits.sum().backward()  # every tower parameter takes part (with a zero gradient): ZeRO-3 / DDP stay in step
     assert all(p.grad is not None and not p.grad.any() for p in model.vision.parameters())
     assert torch.equal(logits, model.eval()(torch.tensor([[5, 6, 7]])))
+    cnn = tiny_model(CNN).train()  # a trainable BatchNorm tower: the blank image leaves its statistics alone
+    before = {k: v.clone() for k, v in cnn.vision.state_dict().items()}
+    cnn(torch.tensor([[5, 6, 7]])).sum().backward()
+    assert cnn.vision.training and all(torch.equal(v, before[k]) for k, v in cnn.vision.state_dict().items())
+    assert all(p.grad is not None and not p.grad.any() for p in cnn.vision.parameters())
 
 
 @pytest.mark.parametrize("vision,lm", [(TIMM_VIT, LM), (OPEN_CLIP, LM), (CNN, dict(LM, tie_word_embeddings=True))],
@@ -141,7 +146,7 @@ def test_lm_path_loads_the_language_model(tmp_path):
     assert torch.equal(model.lm.embed_tokens.weight[:420], saved.embed_tokens.weight)
     with pytest.raises(ConfigError, match=r"lm sizes disagree .*'hidden_size': \(64, 32\)"):
         build_model(dict(vision=TIMM_VIT, lm_path=str(tmp_path / "lm"), lm=dict(hidden_size=64)))
-    with pytest.raises(FileNotFoundError, match="lm_path='/nowhere'"):
+    with pytest.raises(ConfigError, match="lm_path='/nowhere'"):
         build_model(dict(vision=TIMM_VIT, lm_path="/nowhere"))
 
 

@@ -7,14 +7,15 @@ import pytest
 import torch
 
 from mmdlm.config import ConfigError, load_config
+from mmdlm.data.errors import DataError
 from mmdlm.model import DiffusionLM, DLMConfig
 from mmdlm.multimodal import MMDLM, build_model
 from mmdlm.train import export as export_mod
 from mmdlm.train.build import deepspeed_config, lr_lambda, param_groups
-from mmdlm.train.checkpoint import MARKER, _prune, check_fresh_start, complete_checkpoints
+from mmdlm.train.checkpoint import MARKER, TrainState, _prune, check_fresh_start, complete_checkpoints
 from mmdlm.train.config import TrainConfig
 from mmdlm.train.export import merge_lora, write_model_folder
-from mmdlm.train.loader import ResumableBatchSampler, take_fractions
+from mmdlm.train.loader import ResumableBatchSampler, advance, start_position, take_fractions
 from mmdlm.train.metrics import MetricsLog, NonFiniteGuard, TrainingDiverged
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,17 +27,45 @@ def tiny_model() -> MMDLM:
     return build_model(ROOT / "configs/model/tiny.yaml", vocab_size=64, image_token_id=6, mask_token_id=2)
 
 
+def take(sampler, n: int) -> list[list[int]]:
+    return [batch for _, batch in zip(range(n), iter(sampler))]
+
+
 def test_batches_are_disjoint_across_ranks_and_resume_where_they_stopped():
     a = ResumableBatchSampler(40, 4, rank=0, world=2, seed=3)
     b = ResumableBatchSampler(40, 4, rank=1, world=2, seed=3)
     first_a, first_b = next(iter(a)), next(iter(b))
     assert not set(first_a) & set(first_b)
-    straight = [x for _, x in zip(range(12), iter(a))]  # crosses an epoch boundary (5 batches per epoch)
-    assert sorted(sum(straight[:5], []) + sum([x for _, x in zip(range(5), iter(b))], [])) == list(range(40))
-    resumed = [x for _, x in zip(range(5), iter(ResumableBatchSampler(40, 4, 0, 2, seed=3, skip=7)))]
+    straight = take(a, 12)  # crosses an epoch boundary (5 batches per epoch)
+    assert sorted(sum(straight[:5], []) + sum(take(b, 5), [])) == list(range(40))
+    assert advance(40, 8, 0, 0, 7) == (1, 16)  # 7 rounds of 8: the whole of epoch 0 (5), 2 into epoch 1
+    resumed = take(ResumableBatchSampler(40, 4, 0, 2, 3, *advance(40, 8, 0, 0, 7)), 5)
     assert resumed == straight[7:12]
-    with pytest.raises(ValueError, match="cannot fill a batch"):
+    with pytest.raises(ConfigError, match="cannot fill a batch"):
         ResumableBatchSampler(6, 4, 0, 2, 0)
+
+
+@pytest.mark.parametrize("before, after", [(2, 1), (1, 2), (2, 3), (4, 2)])
+def test_resume_on_another_world_size_sees_each_sample_of_the_epoch_once(before, after):
+    """World `before` takes 3 rounds of 3 per rank, world `after` goes on: epoch 0 is one permutation, no repeats."""
+    size, batch, seed = 50, 3, 5
+    state = TrainState(batches_consumed=3, data_round=batch * before)  # saved after 3 micro-batches per rank
+    epoch, offset = start_position(state, size, batch * after)
+    assert (epoch, offset) == (0, 9 * before)
+
+    def seen_by(world: int, rounds: int, *position: int) -> list[int]:
+        samplers = [ResumableBatchSampler(size, batch, rank, world, seed, *position) for rank in range(world)]
+        return [i for sampler in samplers for b in take(sampler, rounds) for i in b]
+
+    rounds_left = (size - offset) // (batch * after)
+    seen = seen_by(before, 3) + seen_by(after, rounds_left, epoch, offset)
+    order = torch.randperm(size, generator=torch.Generator().manual_seed(seed)).tolist()
+    assert len(seen) == len(set(seen)) and set(seen) == set(order[: len(seen)])  # a prefix of the epoch's order
+    assert size - len(seen) < batch * after  # only the ragged tail is left out
+    # The next batch after that is the first of epoch 1 on the new world.
+    nxt = take(ResumableBatchSampler(size, batch, 0, after, seed, epoch, offset), rounds_left + 1)[-1]
+    order1 = torch.randperm(size, generator=torch.Generator().manual_seed(seed + 1)).tolist()
+    assert nxt == order1[0 : batch * after : after]
 
 
 def test_schedule_warms_up_then_decays_to_the_floor():
@@ -220,3 +249,34 @@ def test_data_fractions_take_a_seeded_subset_of_each_file():
     cfg = load_config(TrainConfig, ROOT / "configs/train/demo_sft.yaml", ["data.fractions=[0.5]"])
     with pytest.raises(ConfigError, match="one number in"):
         cfg.validate()
+
+
+def test_loader_skips_broken_entries_and_counts_them(tmp_path):
+    from PIL import Image
+
+    from mmdlm.data.collate import Collator
+    from mmdlm.data.errors import DataWarning
+    from mmdlm.data.tokenizer import train_demo_tokenizer
+    from mmdlm.train.loader import build_loader
+
+    Image.new("RGB", (8, 8), (255, 0, 0)).save(tmp_path / "a.png")
+    (tmp_path / "bad.png").write_bytes(b"corrupt")
+    turns = [{"from": "human", "value": "What colour?"}, {"from": "gpt", "value": "red"}]
+    entries = [{"id": f"ok{i}", "image": "a.png", "conversations": turns} for i in range(4)]
+    entries += [{"id": "corrupt", "image": "bad.png", "conversations": turns},  # found when its batch is read
+                {"id": "missing", "image": "nope.png", "conversations": turns}]  # found when the set is loaded
+    (tmp_path / "qa.json").write_text(json.dumps(entries))
+    tokenizer = train_demo_tokenizer(["What colour?", "red"] * 20, tmp_path / "tok", vocab_size=280)
+    collator = Collator(tokenizer, lambda image: torch.zeros(3, 4, 4), 2, max_length=64)
+    cfg = TrainConfig(micro_batch_size=5)
+    cfg.data.json = [str(tmp_path / "qa.json")]
+    with pytest.raises(DataError, match="entry id=missing: image 'nope.png' not found"):
+        build_loader(cfg, collator, 0, 1, TrainState())
+    cfg.data.on_error, state = "skip", TrainState()
+    with pytest.warns(DataWarning) as caught:
+        batch = next(iter(build_loader(cfg, collator, 0, 1, state)))
+    assert state.skipped_at_load == 1 and batch["skipped"] == 1 and batch["input_ids"].shape[0] == 4
+    assert sorted(batch["sample_ids"]) == ["ok0", "ok1", "ok2", "ok3"]
+    lines = sorted(str(w.message).split(" (")[0] for w in caught)
+    assert lines == ["skipped qa.json entry id=corrupt: image 'bad.png' unreadable",
+                     "skipped qa.json entry id=missing: image 'nope.png' not found under " + str(tmp_path)]

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mmdlm.config import ConfigError
+from mmdlm.data.errors import ON_ERROR
 
 MODULES = ("vision", "projector", "lm")
 
@@ -29,6 +30,7 @@ class DataConfig:
     # SFT padding after each answer: "eos" = LLaDA's EOS runs, attended and targets; "mask" = one EOS
     # target, then mask tokens that are attended but never targets (see data/collate.py).
     sft_padding: str = "eos"
+    on_error: str = "stop"  # a broken JSON entry: stop (with its name) or skip (one warning line, counted)
 
 
 @dataclass
@@ -116,6 +118,8 @@ class TrainConfig:
 
         if bool(self.data.json) == bool(self.data.shards):
             raise ConfigError("set exactly one of data.json (conversations) or data.shards (documents)")
+        if self.data.on_error not in ON_ERROR:
+            raise ConfigError(f"data.on_error={self.data.on_error!r} must be one of {ON_ERROR}")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ConfigError(f"precision={self.precision!r} must be auto, fp32 or bf16")
         for name in ("micro_batch_size", "grad_accum", "max_steps", "log_every", "max_nonfinite", "keep_checkpoints"):

@@ -20,6 +20,8 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
+from mmdlm.errors import report_user_errors
+
 GiB = 1024**3
 
 
@@ -82,7 +84,7 @@ def tokens_per_second(s: Shape, seq: int, peak_tflops: float, mfu: float, checkp
     return peak_tflops * 1e12 * mfu / (dense + attention + vision)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="configs/model/llada-8b-siglip.yaml")
     parser.add_argument("--gpus", type=int, default=8)
@@ -92,6 +94,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--mfu", type=float, default=0.40)
     parser.add_argument("--train-vision", action="store_true")
     args = parser.parse_args(argv)
+    return report_user_errors(lambda: report(args))
+
+
+def report(args: argparse.Namespace) -> int:
+    """Print the memory table and the expected throughput; return 0."""
     s = shape_of(args.model)
     total = s.params_lm + s.params_vision + s.params_projector
     print(f"{args.model}: {total / 1e9:.2f} B parameters (LM {s.params_lm / 1e9:.2f} B, vision "
@@ -103,7 +110,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{name:<16}" + "".join(f"{v:>9.1f}" for v in m.values()) + f"{sum(m.values()):>11.1f}")
     tps = tokens_per_second(s, args.seq, args.peak_tflops, args.mfu, checkpointing=True)
     print(f"\nexpected throughput: {tps:,.0f} tokens/s per GPU at {args.mfu:.0%} MFU of {args.peak_tflops:.0f} TFLOP/s")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

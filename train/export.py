@@ -16,13 +16,14 @@ import argparse
 import json
 import os
 import shutil
-import sys
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
 
+from mmdlm.config import ConfigError
+from mmdlm.errors import report_user_errors
 from mmdlm.train.checkpoint import MARKER, complete_checkpoints
 
 SHARD_BYTES = 5 * 2**30  # the usual Hugging Face shard size
@@ -124,7 +125,7 @@ def export_checkpoint(run_dir: Path, checkpoint: str | None, out_dir: Path | Non
         found = [p for p in found if p.name == checkpoint]
     if not found:
         what = f"checkpoint {checkpoint!r}" if checkpoint else "checkpoint"
-        raise FileNotFoundError(f"{run_dir / 'checkpoints'}: no complete {what} (a folder step_* with {MARKER})")
+        raise ConfigError(f"{run_dir / 'checkpoints'}: no complete {what} (a folder step_* with {MARKER})")
     path = found[-1]
     train_config = json.loads((run_dir / "train_config.json").read_text())
     lora = train_config["lora"]
@@ -142,13 +143,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint", help="a step_* folder name; default: the newest complete one")
     parser.add_argument("--out", type=Path, help="default: <run>/model_<checkpoint>")
     args = parser.parse_args(argv)
-    try:
-        out = export_checkpoint(Path(args.run), args.checkpoint, args.out)
-    except (FileNotFoundError, KeyError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    print(f"exported {out}")
-    return 0
+
+    def run() -> int:
+        print(f"exported {export_checkpoint(Path(args.run), args.checkpoint, args.out)}")
+        return 0
+
+    return report_user_errors(run)
 
 
 if __name__ == "__main__":

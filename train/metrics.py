@@ -14,11 +14,15 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from mmdlm.errors import UserError
+
 T_BUCKETS = 4  # loss is logged per quarter of the masking ratio t
 
 
-class TrainingDiverged(RuntimeError):
-    """Too many non-finite losses in a row."""
+class TrainingDiverged(UserError):
+    """Too many non-finite losses in a row (exit code 3: the data or the settings, not the code)."""
+
+    exit_code = 3
 
 
 class NonFiniteGuard:

@@ -21,18 +21,18 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from mmdlm.config import ConfigError, load_config, to_dict
+from mmdlm.config import load_config, to_dict
 from mmdlm.data.collate import Collator
-from mmdlm.data.errors import DataError
 from mmdlm.data.tokenizer import special_ids
 from mmdlm.diffusion import masked_diffusion_loss, next_token_loss
+from mmdlm.errors import report_user_errors
 from mmdlm.multimodal import MMDLM
 from mmdlm.train import checkpoint
 from mmdlm.train.build import build, deepspeed_config, make_optimizer
 from mmdlm.train.config import TrainConfig
 from mmdlm.train.export import export
 from mmdlm.train.loader import build_loader
-from mmdlm.train.metrics import MetricsLog, NonFiniteGuard, StepStats, TrainingDiverged, finite_everywhere
+from mmdlm.train.metrics import MetricsLog, NonFiniteGuard, StepStats, finite_everywhere
 
 
 def init_distributed() -> None:
@@ -52,9 +52,10 @@ def loss_of(engine, batch: dict, cfg: TrainConfig, mask_id: int, generator: torc
     model: MMDLM = engine.module
     ids, attention, maskable = batch["input_ids"], batch["attention_mask"], batch["maskable"]  # [B, L]
     pixels = batch["pixel_values"]  # [N, 3, H, W]
-    # One vision pass, reused by every forward of the step (a text-only batch runs the tower on a
-    # blank image inside the model, so every rank runs the same modules under ZeRO-3).
-    features = model.encode_images(pixels) if pixels.shape[0] else None  # [N, T, D]
+    # One vision pass, reused by every forward of the step. Called for a text-only batch too (N = 0
+    # runs the tower on a blank image): every rank runs the same modules in the same order, outside
+    # the engine's forward, or ZeRO-3's parameter gathers mismatch across ranks.
+    features = model.encode_images(pixels)  # [N, T, D]
 
     def next_token() -> torch.Tensor:  # causal attention whatever the model's own (AR warm-up, joint loss)
         return next_token_loss(engine(ids, attention_mask=attention, image_features=features, causal=True),
@@ -90,11 +91,15 @@ def parse_args(argv: list[str] | None) -> tuple[TrainConfig, bool]:
     return cfg, args.resume
 
 
-def _record(step: int, stats: dict, engine, lrs: dict[str, float], guard: NonFiniteGuard) -> dict:
+def _record(step: int, stats: dict, engine, lrs: dict[str, float], guard: NonFiniteGuard,
+            state: checkpoint.TrainState) -> dict:
     norm = engine.get_global_grad_norm()
+    skipped = torch.tensor([float(state.skipped_samples)], device=engine.device)
+    dist.all_reduce(skipped)  # broken samples dropped on every rank, plus the entries dropped at load (once)
     record = {"step": step, "loss": stats["loss"], "lr": lrs.get("lm", next(iter(lrs.values()))),
               "lr_by_module": lrs, "grad_norm": None if norm is None else float(norm), "tokens": stats["tokens"],
-              "loss_by_t": stats["loss_by_t"], "skipped_nonfinite": guard.total}
+              "loss_by_t": stats["loss_by_t"], "skipped_nonfinite": guard.total,
+              "skipped_samples": state.skipped_at_load + int(skipped.item())}
     if torch.cuda.is_available():  # the largest peak over the ranks: what each GPU must hold
         peak = torch.tensor([torch.cuda.max_memory_allocated() / 2**30], device=engine.device)
         dist.all_reduce(peak, op=dist.ReduceOp.MAX)
@@ -115,16 +120,17 @@ def train(cfg: TrainConfig, resume: bool) -> Path:
     tokenizer, model = build(cfg)
     mask_id = special_ids(tokenizer).mask
     optimizer, scheduler = make_optimizer(model, cfg)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=deepspeed_config(cfg, world))
-    state = checkpoint.resume(engine, ckpt_dir) if resume else checkpoint.TrainState()
+    ds_config = deepspeed_config(cfg, world)
+    found = checkpoint.prepare_resume(ckpt_dir, ds_config) if resume else None  # on this or another world size
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+    state = checkpoint.resume(engine, found) if found else checkpoint.TrainState()
     if resume and rank == 0:
         print(f"resuming at step {state.step}" if state.step else f"no complete checkpoint in {ckpt_dir}: "
               "starting at step 0", flush=True)
     saved_at = state.step if state.step else None
     collator = Collator(tokenizer, model.image_transform(), model.num_image_tokens, cfg.data.max_length,
                         mode="sft" if cfg.data.json else "pretrain", sft_padding=cfg.data.sft_padding)
-    batches = iter(build_loader(cfg, collator, rank, world, skip_batches=state.batches_consumed))
+    batches = iter(build_loader(cfg, collator, rank, world, state))
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "train_config.json").write_text(json.dumps(to_dict(cfg), indent=1))
@@ -141,6 +147,7 @@ def train(cfg: TrainConfig, resume: bool) -> Path:
         batch = next(batches)
         state.batches_consumed += 1
         sample_ids = batch.pop("sample_ids")
+        state.skipped_samples += batch.pop("skipped")
         batch = {k: v.to(engine.device) for k, v in batch.items()}
         batch["pixel_values"] = batch["pixel_values"].to(dtype)
         # Masks are a function of (seed, rank, micro-batch index): a resumed run draws exactly the
@@ -162,7 +169,7 @@ def train(cfg: TrainConfig, resume: bool) -> Path:
         if micro < cfg.grad_accum:
             continue
         micro, state.step = 0, state.step + 1
-        record = _record(state.step, stats.reduce(), engine, lrs, guard)
+        record = _record(state.step, stats.reduce(), engine, lrs, guard, state)
         log.step(record, write=state.step % cfg.log_every == 0 or state.step == cfg.max_steps)
         if cfg.save_every and state.step % cfg.save_every == 0:
             checkpoint.save(engine, ckpt_dir, state, cfg.keep_checkpoints)
@@ -180,16 +187,17 @@ def train(cfg: TrainConfig, resume: bool) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Return 0 when the run finished, 2 for a config or data error (one line), 3 when training diverged."""
+
+    def run() -> int:
+        train(*parse_args(argv))
+        return 0
+
     try:
-        cfg, resume = parse_args(argv)
-        train(cfg, resume)
-    except (ConfigError, DataError, FileNotFoundError, ValueError, TrainingDiverged) as error:
-        print(f"error: {error}", file=sys.stderr, flush=True)
-        return 3 if isinstance(error, TrainingDiverged) else 2
+        return report_user_errors(run)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-    return 0
 
 
 def exit_now(code: int) -> None:
