@@ -34,10 +34,10 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from mmdlm.config import ConfigError, from_dict, load_config, load_yaml
-from mmdlm.data.errors import DataError
 from mmdlm.data.llava import LlavaDataset
 from mmdlm.data.scenes import CELL_ATTRIBUTES, GRID, cell_labels
 from mmdlm.encoders.processor import image_transform
+from mmdlm.errors import report_user_errors
 from mmdlm.encoders.tower import VisionTower
 from mmdlm.multimodal import ModelConfig
 from mmdlm.train.build import load_vision
@@ -170,14 +170,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", required=True, help="configs/train/demo_tower.yaml")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
-    try:
+
+    def run() -> int:
         cfg = load_config(TowerConfig, args.config, args.overrides)
         cfg.validate()
         print(f"wrote {pretrain(cfg)}", flush=True)
-    except (ConfigError, DataError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    return 0
+        return 0
+
+    return report_user_errors(run)
 
 
 if __name__ == "__main__":
