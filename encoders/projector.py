@@ -3,6 +3,8 @@
 `mlp2x_gelu` is LLaVA-1.5's (Linear-GELU-Linear); `linear` is LLaVA-1's. `pool: 2` averages
 2x2 neighbourhoods of the patch grid first (LaViDa's token compression: SigLIP's 27x27 = 729
 tokens become 14x14 = 196; a window hanging over an odd edge averages the cells it covers).
+`merge: spatial_unpad` (LLaVA-NeXT, LLaDA-V) adds the learned `image_newline` that ends every row
+of an any-resolution image's merged grid (encoders/anyres.py does the merging).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from torch import nn
 class ProjectorConfig:
     type: str = "mlp2x_gelu"  # "mlp2x_gelu" | "linear"
     pool: int = 1  # side of the average-pooling window over the patch grid (1 = none)
+    merge: str = "flat"  # "flat" (one view, its tokens as they are) | "spatial_unpad" (needs vision.anyres_max)
 
 
 class Projector(nn.Module):
@@ -35,6 +38,12 @@ class Projector(nn.Module):
         if cfg.pool < 1:
             raise ValueError(f"projector.pool={cfg.pool} must be >= 1")
         self.pool = cfg.pool
+        if cfg.merge not in ("flat", "spatial_unpad"):
+            raise ValueError(f"projector.merge={cfg.merge!r} must be 'flat' or 'spatial_unpad'")
+        if cfg.merge == "spatial_unpad":
+            if cfg.pool != 1:
+                raise ValueError("projector.merge=spatial_unpad keeps every patch: set projector.pool=1")
+            self.image_newline = nn.Parameter(torch.zeros(lm_width))  # [D] ends each row of the merged grid
 
     def num_tokens(self, vision_tokens: int) -> int:
         """Return how many tokens one image becomes."""

@@ -48,6 +48,9 @@ class SamplerConfig:
     stop_ids: tuple[int, ...] = ()  # further stop tokens (end of turn)
     cache: str = "none"  # "prefix" (exact, needs prefix_dlm) or "block" (DualCache, approximate)
     prefix_dlm: bool = False  # prefix queries attend only the prefix (the model's prefix_len=)
+    # LLaDA-V's rule: these ids may never be chosen at a masked position (its BOS, EOS and header ids)
+    suppress_ids: tuple[int, ...] = ()
+    float64_confidence: bool = False  # LLaDA-V ranks by a float64 softmax (LLaDA by float32)
 
     @property
     def parallel(self) -> bool:
@@ -246,6 +249,7 @@ def generate(
     step = torch.where(x == mask_id, -1, 0)
     rows = _Rows(torch.arange(B, device=device), x, step, is_prefix, key_mask, position_ids, prefix_embeds)
     stop_ids = torch.tensor([i for i in (config.eos_id, *config.stop_ids) if i is not None], device=device)
+    suppress = torch.tensor(config.suppress_ids, device=device) if config.suppress_ids else None
 
     out_tokens, out_step = x[:, P:].clone(), step[:, P:].clone()
     row_forwards = torch.zeros(B, dtype=torch.long, device=device)
@@ -281,11 +285,15 @@ def generate(
             row_forwards[rows.index] += 1
             # Noise over the whole window (LLaDA draws it so), then only [first, hi) matters.
             scores = add_gumbel_noise(logits, config.temperature)[:, first - a : hi - a]
+            window = logits[:, first - a : hi - a]  # [n, hi-first, V]
+            if suppress is not None:  # only masked positions are ever committed: the rule may cover them all
+                scores = scores.index_fill(-1, suppress, -torch.inf)
+                window = window.index_fill(-1, suppress, -torch.inf)
             if config.parallel:  # a committed mask id would stay a hole, and the block never fill
                 scores = scores.index_fill(-1, torch.tensor([mask_id], device=device), -torch.inf)
             x0 = scores.argmax(-1)  # [n, hi-first]
             if config.remasking == "low_confidence":
-                conf = confidence_of(logits[:, first - a : hi - a], x0, config.confidence)
+                conf = confidence_of(window.double() if config.float64_confidence else window, x0, config.confidence)
             else:
                 conf = torch.rand(logits.shape[:2], device=device)[:, first - a : hi - a]
             region = rows.x[:, first:hi]  # a view: writes land in rows.x
