@@ -207,9 +207,9 @@ def with_model(args: argparse.Namespace) -> int:
         prefixes, twin_prefixes = [], []
         for r in requests:
             images = [load_image(p) for p in r["images"]]
-            prefixes.append(answerer.prefix([answerer.prompt_ids(r["turns"], len(images))], [images]))
+            prefixes.append(answerer.prefix([answerer.prompt_ids(r["turns"], images)], [images]))
             if twin is not None:  # its own tower and projector make its own prefix
-                twin_prefixes.append(twin.prefix([twin.prompt_ids(r["turns"], len(images))], [images]))
+                twin_prefixes.append(twin.prefix([twin.prompt_ids(r["turns"], images)], [images]))
         encode_ms = 1000 * (time.perf_counter() - began) / len(requests)
         task = dict(name=name, answerer=answerer, requests=requests, prefixes=prefixes, repeats=args.repeats,
                     references={r["id"]: [r["reference"]] for r in requests},
