@@ -69,3 +69,41 @@ def test_batched_anyres_images_equal_alone(converted, llada_v_folder):
         alone = answerer.answer(turns[k : k + 1], images[k : k + 1], config)[0]
         assert alone.pieces == together[k].pieces
     assert torch.is_tensor(answerer.transform(images[1][0])) and answerer.transform(images[1][0]).shape[0] == 9
+
+
+@pytest.mark.slow
+def test_fine_tune_converted_model(converted, llada_v_folder, tmp_path):
+    """The normal fine-tuning path: anyres images of two sizes in one batch, then answers from the export.
+
+    Full fine-tuning only: LoRA is the same path with adapters on the LM (test_finetune.py), and each
+    DeepSpeed run costs about a minute on two cores.
+    """
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    for name in ("image_a.png", "image_b.png"):
+        shutil.copy(llada_v_folder / name, tmp_path / name)
+    entries = [{"id": str(k), "image": name, "conversations": [
+        {"from": "human", "value": "<image>\nWhat is in the picture?"}, {"from": "gpt", "value": answer}]}
+        for k, (name, answer) in enumerate([("image_a.png", "A red box."), ("image_b.png", "A triangle.")] * 2)]
+    (tmp_path / "train.json").write_text(json.dumps(entries))
+    root = Path(__file__).resolve().parents[1]
+    before = load_file(str(converted / "model.safetensors"))
+    for name, extra in [("full", [])]:
+        sets = [f"init_from={converted}", f"data.json=[{tmp_path / 'train.json'}]", "data.max_length=256",
+                "max_steps=2", "save_every=0", "micro_batch_size=4", f"output_dir={tmp_path / name}", *extra]
+        cmd = [sys.executable, "-m", "mmdlm.train", "--config", "configs/train/finetune.yaml"]
+        env = {**__import__("os").environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+        proc = subprocess.run([*cmd, *[a for s in sets for a in ("--set", s)]], cwd=root, env=env,
+                              capture_output=True, text=True, timeout=300)  # fmt: skip
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+        after = load_file(str(tmp_path / name / "model" / "model.safetensors"))
+        assert not torch.equal(after["lm.layers.0.attn.q_proj.weight"], before["lm.layers.0.attn.q_proj.weight"])
+        assert torch.equal(after["vision.backbone.encoder.layers.1.mlp.fc1.weight"],
+                           before["vision.backbone.encoder.layers.1.mlp.fc1.weight"])  # frozen tower
+        image = llada_v_folder / "image_a.png"
+        assert main(["--model", str(tmp_path / name / "model"), "--image", str(image), "--question", "What?"]) == 0

@@ -53,17 +53,21 @@ def loss_of(engine, batch: dict, cfg: TrainConfig, mask_id: int, generator: torc
     ids, attention, maskable = batch["input_ids"], batch["attention_mask"], batch["maskable"]  # [B, L]
     pixels = batch["pixel_values"]  # [N, 3, H, W]
     if cfg.objective == "autoregressive":
-        return next_token_loss(engine(ids, pixels, attention_mask=attention), ids, maskable), None, None
+        logits = engine(ids, pixels, attention_mask=attention, image_sizes=batch.get("image_sizes"))
+        return next_token_loss(logits, ids, maskable), None, None
     prefix_len = batch["prompt_length"] if model.config.prefix_dlm else None  # [B]
     # One vision pass, reused by both masks of a complementary pair (a text-only batch runs the
     # tower on a blank image inside the model, so every rank runs the same modules under ZeRO-3).
-    features = model.encode_images(pixels) if pixels.shape[0] else None  # [N, T, D]
+    # [N, T, D]; any resolution: [sum of image runs, D]
+    features = model.encode_images(pixels, batch.get("image_sizes")) if pixels.shape[0] else None
 
     def logits_fn(noisy: torch.Tensor) -> torch.Tensor:  # [k*B, L] -> [k*B, L, V]
         k = noisy.shape[0] // ids.shape[0]
-        feats = None if features is None else features.repeat(k, 1, 1)
+        feats = None if features is None else features.repeat(k, *[1] * (features.dim() - 1))
         prefix = None if prefix_len is None else prefix_len.repeat(k)
-        return engine(noisy, attention_mask=attention.repeat(k, 1), image_features=feats, prefix_len=prefix)
+        sizes = None if batch.get("image_sizes") is None else batch["image_sizes"].repeat(k, 1)
+        return engine(noisy, attention_mask=attention.repeat(k, 1), image_features=feats, prefix_len=prefix,
+                      image_sizes=sizes)
 
     out = masked_diffusion_loss(logits_fn, ids, maskable, mask_id, eps=cfg.mask_eps,
                                 complementary=cfg.complementary_masking, generator=generator)
@@ -115,7 +119,8 @@ def train(cfg: TrainConfig, resume: bool) -> Path:
         print(f"resuming at step {state.step}" if state.step else f"no complete checkpoint in {ckpt_dir}: "
               "starting at step 0", flush=True)
     saved_at = state.step if state.step else None
-    collator = Collator(tokenizer, model.image_transform(), model.num_image_tokens, cfg.data.max_length,
+    runs = model.num_image_tokens if model.anyres is None else model.image_tokens  # per image size with anyres
+    collator = Collator(tokenizer, model.image_transform(), runs, cfg.data.max_length,
                         mode="sft" if cfg.data.json else "pretrain")
     batches = iter(build_loader(cfg, collator, rank, world, skip_batches=state.batches_consumed))
     if rank == 0:
