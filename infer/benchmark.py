@@ -2,6 +2,7 @@
 
     python infer/benchmark.py --model DIR --data WORLD [--limit 50] [--plot frontier.png]
     python infer/benchmark.py --prefix-tokens 256       # prefix-cache speedup on a random-init LM
+    python infer/benchmark.py --llada-v --model DIR --input qa.json   # a converted LLaDA-V (infer/llada_v_bench.py)
 
 With a model: for VQA (WORLD/test/qa.json) and captions (WORLD/test/captions.json) it prints, per
 setting, the score (VQA accuracy / CIDEr), forward passes and tokens per forward per sample, the
@@ -261,7 +262,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="synthetic run: weights dtype")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--llada-v", action="store_true", help="the LLaDA-V ladder: --model and --input, or --shape")
+    p.add_argument("--input", help="--llada-v: LLaVA JSON of questions (image paths beside it)")
+    p.add_argument("--shape", choices=["small", "8b"], help="--llada-v: random weights in LLaDA-V's layout")
+    p.add_argument("--gen-length", type=int, default=16, help="--llada-v: answer canvas (one block)")
     args = p.parse_args(argv)
+    if args.llada_v:
+        from mmdlm.infer.llada_v_bench import run
+
+        if not args.shape and not (args.model and args.input):
+            p.error("--llada-v needs --model DIR --input qa.json, or --shape")
+        return run(args)
     if args.model is None:
         return synthetic(args)
     if args.data is None:
