@@ -177,13 +177,14 @@ class _Rows:
         return _Rows(**fields)
 
 
-def _forward(model, rows: _Rows, a: int, b: int, P: int, config: SamplerConfig, mask_id: int, cache, fill: bool):
-    """Return logits [n, b-a, V] for positions a..b-1; keys outside them come from `cache`."""
+def _forward(model, rows: _Rows, a: int, b: int, P: int, config: SamplerConfig, mask_id: int, cache, fill: bool,
+             skip: int = 0):
+    """Return logits [n, b-a-skip, V] for positions a+skip..b-1; keys outside [a, b) come from `cache`."""
     n_copies = 2 if config.cfg_scale > 0 else 1
     ids = rows.x[:, a:b]
     if n_copies == 2:  # unconditional row: the prompt replaced by masks
         ids = torch.cat([ids, torch.where(rows.is_prefix[:, a:b], mask_id, ids)])
-    kwargs = {}
+    kwargs = {"logits_from": skip} if skip else {}
     if rows.key_mask is not None:
         kwargs["attention_mask"] = rows.key_mask.repeat(n_copies, 1)
         kwargs["position_ids"] = rows.position_ids[:, a:b].repeat(n_copies, 1)
@@ -280,7 +281,10 @@ def generate(
                 a, b = (P if config.prefix_dlm and cache is not None and cache.length else 0), P + G
             else:
                 a, b = (P, P + G) if config.cache == "prefix" else (lo, hi)
-            logits = _forward(model, rows, a, b, P, config, mask_id, cache, refresh)  # [n, b-a, V]
+            # Greedy low-confidence decoding draws nothing over the window: the logits before `first` are never read.
+            skip = first - a if config.temperature == 0 and config.remasking == "low_confidence" else 0
+            logits = _forward(model, rows, a, b, P, config, mask_id, cache, refresh, skip)  # [n, b-a-skip, V]
+            a += skip
             forward_passes += 1
             row_forwards[rows.index] += 1
             # Noise over the whole window (LLaDA draws it so), then only [first, hi) matters.

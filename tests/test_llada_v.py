@@ -105,8 +105,8 @@ def test_suppressed_ids_are_never_chosen_at_masked_positions(model):
     favour[291] = 50.0  # EOS would win everywhere
     favour[7] = 10.0
 
-    def lm(inputs_embeds=None, **_):
-        return favour.expand(*inputs_embeds.shape[:2], 300)
+    def lm(inputs_embeds=None, logits_from=0, **_):
+        return favour.expand(inputs_embeds.shape[0], inputs_embeds.shape[1] - logits_from, 300)
 
     lm.get_input_embeddings = model.lm.get_input_embeddings
     prefix = model.lm.get_input_embeddings()(torch.tensor([[290, 65]]))
