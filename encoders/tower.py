@@ -153,6 +153,16 @@ def _create_transformers(cfg: VisionConfig) -> nn.Module:
     model = SiglipVisionModel(config)
     model = getattr(model, "vision_model", model)  # transformers 4 wraps the transformer, 5 does not: same names
     model.post_layernorm = nn.Identity()  # LLaVA takes hidden states, not the normed output
+    if cfg.weights:  # a SiglipVisionModel safetensors file: its kept layers load, the rest is left out on purpose
+        from safetensors.torch import load_file
+
+        state = {k.removeprefix("vision_model."): v for k, v in load_file(cfg.weights).items()}
+        wanted = model.state_dict()
+        missing = sorted(set(wanted) - set(state))
+        if missing:
+            raise ValueError(f"vision.weights={cfg.weights!r} lacks {missing[:4]}: not a SiglipVisionModel file "
+                             "of this size (vision.overrides)")
+        model.load_state_dict({k: state[k] for k in wanted})
     return model
 
 

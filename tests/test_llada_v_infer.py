@@ -107,3 +107,21 @@ def test_fine_tune_converted_model(converted, llada_v_folder, tmp_path):
                            before["vision.backbone.encoder.layers.1.mlp.fc1.weight"])  # frozen tower
         image = llada_v_folder / "image_a.png"
         assert main(["--model", str(tmp_path / name / "model"), "--image", str(image), "--question", "What?"]) == 0
+
+
+def test_collator_sizes_each_anyres_run(converted, llada_v_folder):
+    from mmdlm.data.collate import Collator
+    from mmdlm.data.tokenizer import load_tokenizer
+
+    model, tokenizer = load_model(converted)
+    collator = Collator(load_tokenizer(converted), model.image_transform(), model.image_tokens, max_length=256)
+    images = [load_image(llada_v_folder / name) for name in ("image_a.png", "image_b.png")]
+    batch = collator([{"images": [image], "conversations": [{"from": "human", "value": "<image>\nWhat?"},
+                                                           {"from": "gpt", "value": "A shape."}]} for image in images])
+    assert batch["image_sizes"].tolist() == [[300, 200], [700, 420]]
+    assert batch["pixel_values"].shape == (3 + 9, 3, 224, 224)  # base view + 2x1 tiles, base view + 4x2 tiles
+    assert (batch["input_ids"] == model.config.image_token_id).sum(1).tolist() == [44, 82]
+    with torch.no_grad():  # and the model takes the batch as it is
+        logits = model(batch["input_ids"], batch["pixel_values"], attention_mask=batch["attention_mask"],
+                       image_sizes=batch["image_sizes"])
+    assert logits.shape == (*batch["input_ids"].shape, 300)
