@@ -153,10 +153,11 @@ class MMDLM(PreTrainedModel):
         if not fits:
             shown = lengths[:8] + (["..."] if len(lengths) > 8 else [])
             wanted = counts[:8] + (["..."] if len(counts) > 8 else [])
+            each = f" of {wanted} tokens" if len(set(counts)) > 1 else f" x {counts[0]} tokens each" if counts else ""
             raise ValueError(
-                f"{len(lengths)} <image> runs of lengths {shown} ({sum(lengths)} tokens), but {len(counts)} images "
-                f"of {wanted} tokens: expand every <image> to its image's run (model.image_tokens) and pass one "
-                "image per placeholder"
+                f"{len(lengths)} <image> runs of lengths {shown} ({sum(lengths)} tokens), but {len(counts)} images"
+                f"{each}: expand every <image> to its image's run (model.image_tokens) and pass one image per "
+                "placeholder"
             )
 
     def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
