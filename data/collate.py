@@ -2,6 +2,9 @@
 
     input_ids      [B, L] long   every image expanded to a run of `num_image_tokens` <image> ids
     pixel_values   [N, 3, H, W]  the kept images in order of appearance over the batch ([0, 3, H, W] if none)
+    image_sizes    [N, 2] long   (width, height) of each kept image; only for any-resolution models, whose
+                                 transform gives every image several views (pixel_values then holds all of them)
+                                 and whose run length `num_image_tokens(size)` depends on the size
     attention_mask [B, L] bool   False on padding
     maskable       [B, L] bool   where the diffusion may mask: answers (SFT), all text (pretraining)
     prompt_length  [B] long      index of the first maskable token
@@ -47,7 +50,7 @@ class Collator:
         self,
         tokenizer: PreTrainedTokenizerFast,
         image_transform: Callable[[Image.Image], torch.Tensor],
-        num_image_tokens: int,
+        num_image_tokens: int | Callable[[tuple[int, int]], int],
         max_length: int,
         mode: str = "sft",
         pad_to_multiple_of: int | None = None,
@@ -78,18 +81,32 @@ class Collator:
             n -= 1
         return n
 
-    def encode_conversation(self, conversations: list[dict]) -> Encoded:
-        """Return the conversation's ids and answer flags, dropping whole trailing turn pairs to fit max_length."""
+    def run_length(self, image: Image.Image | None) -> int:
+        """Return the length of an image's `<image>` run."""
+        if callable(self.num_image_tokens):
+            return self.num_image_tokens(image.size)
+        return self.num_image_tokens
+
+    def encode_conversation(self, conversations: list[dict], runs: list[int] | None = None) -> Encoded:
+        """Return the conversation's ids and answer flags, dropping whole trailing turn pairs to fit max_length.
+
+        `runs` gives each image's run length in order (default: num_image_tokens each).
+        """
         conv = self.chat.encode_conversation(conversations)
         if not conv.turn_ends:
             raise DataError("conversation has no answer turn")
-        ids, flags, start, clean = [], [], 0, True
+        ids, flags, start, clean, used, kept = [], [], 0, True, 0, 0
         for end in conv.turn_ends:  # one chunk = the turns up to and including one answer
-            chunk = expand_image_runs(conv.ids[start:end], self.special.image, self.num_image_tokens)
+            placeholders = conv.ids[start:end].count(self.special.image)
+            if runs is not None and used + placeholders > len(runs):
+                raise DataError(f"more '<image>' placeholders than the {len(runs)} image(s) given")
+            lengths = self.num_image_tokens if runs is None else runs[used : used + placeholders]
+            used += placeholders
+            chunk = expand_image_runs(conv.ids[start:end], self.special.image, lengths)
             chunk_flags = [False] * (len(chunk) - (end - start)) + conv.is_answer[start:end]
             start = end
             if len(ids) + len(chunk) <= self.max_length:
-                ids, flags = ids + chunk, flags + chunk_flags
+                ids, flags, kept = ids + chunk, flags + chunk_flags, used
                 continue
             if not ids:  # even the first question and answer do not fit: keep the prompt and cut the answer
                 prompt = chunk_flags.index(True)
@@ -99,9 +116,9 @@ class Collator:
                         f"the prompt with its image run(s) is {prompt} tokens, leaving no room for an answer "
                         f"within max_length={self.max_length}; raise max_length or shorten the question"
                     )
-                ids, flags, clean = chunk[:cut], chunk_flags[:cut], False
+                ids, flags, clean, kept = chunk[:cut], chunk_flags[:cut], False, used
             break
-        return Encoded(ids, flags, ids.count(self.special.image) // self.num_image_tokens, clean)
+        return Encoded(ids, flags, kept, clean)
 
     def encode_segments(self, segments: list[dict]) -> Encoded:
         """Return a document's ids (BOS, text, image runs, EOS) with all text maskable, cut to fit max_length."""
@@ -110,7 +127,7 @@ class Collator:
         pieces = []
         for segment in segments:
             if "image" in segment:
-                pieces.append(([s.image] * self.num_image_tokens, False))
+                pieces.append(([s.image] * self.run_length(segment["image"]), False))
                 continue
             text = self.chat.text_ids(segment["text"])
             if s.image in text:
@@ -133,8 +150,9 @@ class Collator:
     def encode(self, sample: dict) -> tuple[Encoded, list[Image.Image]]:
         """Return the encoding of one sample and the images it keeps, in order."""
         if "conversations" in sample:
-            encoded = self.encode_conversation(sample["conversations"])
             images = list(sample.get("images", []))
+            runs = [self.run_length(image) for image in images] if callable(self.num_image_tokens) else None
+            encoded = self.encode_conversation(sample["conversations"], runs)
         elif "segments" in sample:
             encoded = self.encode_segments(sample["segments"])
             images = [segment["image"] for segment in sample["segments"] if "image" in segment]
@@ -146,16 +164,18 @@ class Collator:
 
     # ------------------------------------------------------------------------------------ batching
     def _pixels(self, images: list[Image.Image]) -> torch.Tensor:
-        """Return [N, 3, H, W]; [0, 3, H, W] with the transform's H, W when there is no image."""
+        """Return [N, 3, H, W] (any resolution: every image's views, [sum V, 3, H, W]); [0, 3, H, W] if no image."""
         tensors = [self.image_transform(image if image.mode == "RGB" else image.convert("RGB")) for image in images]
-        for tensor in tensors:
-            if tensor.dim() != 3 or tensor.shape[0] != 3:
-                raise DataError(f"image_transform must return [3, H, W], got {tuple(tensor.shape)}")
+        views = [t if t.dim() == 4 else t[None] for t in tensors]  # [V, 3, H, W] each
+        for tensor in views:
+            if tensor.dim() != 4 or tensor.shape[1] != 3:
+                raise DataError(f"image_transform must return [3, H, W] (or [views, 3, H, W]), got "
+                                f"{tuple(tensor.shape)}")  # fmt: skip
         if tensors:
-            return torch.stack(tensors).float()
+            return torch.cat(views).float()
         if self._empty_shape is None:
             blank = Image.new("RGB", (self.empty_image_size, self.empty_image_size))
-            self._empty_shape = tuple(self.image_transform(blank).shape)
+            self._empty_shape = tuple(self.image_transform(blank).shape[-3:])
         return torch.zeros((0, *self._empty_shape))
 
     def __call__(self, samples: list[dict | None]) -> dict[str, torch.Tensor]:
@@ -195,10 +215,13 @@ class Collator:
             else:
                 maskable[row, n:] = sft and item.clean_end
             prompt_length[row] = item.maskable.index(True)
-        return {
+        batch = {
             "input_ids": input_ids,
             "pixel_values": self._pixels(images),
             "attention_mask": attention_mask,
             "maskable": maskable,
             "prompt_length": prompt_length,
         }
+        if callable(self.num_image_tokens):  # any resolution: which views belong to which image
+            batch["image_sizes"] = torch.tensor([image.size for image in images], dtype=torch.long).reshape(-1, 2)
+        return batch

@@ -133,12 +133,20 @@ class ChatEncoder:
         return ids + self.header("assistant")
 
 
-def expand_image_runs(ids: list[int], image_id: int, num_image_tokens: int) -> list[int]:
-    """Return `ids` with each image placeholder id repeated `num_image_tokens` times (the model's image run)."""
+def expand_image_runs(ids: list[int], image_id: int, num_image_tokens: int | list[int]) -> list[int]:
+    """Return `ids` with each image placeholder id repeated into the model's image run.
+
+    `num_image_tokens` is the run length of every image, or one length per placeholder in order
+    (any-resolution images, whose runs depend on their sizes).
+    """
+    lengths = iter(num_image_tokens) if isinstance(num_image_tokens, list) else None
     out: list[int] = []
     for token in ids:
         if token == image_id:
-            out.extend([image_id] * num_image_tokens)
+            n = num_image_tokens if lengths is None else next(lengths, None)
+            if n is None:
+                raise DataError("more '<image>' placeholders than images")
+            out.extend([image_id] * n)
         else:
             out.append(token)
     return out

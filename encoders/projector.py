@@ -8,6 +8,8 @@ token covers one region of the image whatever the tower's resolution: the demo w
 of cells becomes 9 tokens, one per cell. `pos_embed: true` adds a learned embedding per image
 token (ViT-style), so the LM knows where in the image each token lies without decoding it from
 the 1-D rotary positions of a run.
+`merge: spatial_unpad` (LLaVA-NeXT, LLaDA-V) adds the learned `image_newline` that ends every row
+of an any-resolution image's merged grid (encoders/anyres.py does the merging).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ class ProjectorConfig:
     pool: int = 1  # side of the average-pooling window over the patch grid (1 = none)
     grid: int = 0  # average the patch grid down to grid x grid tokens (0 = keep it; excludes pool)
     pos_embed: bool = False  # add a learned embedding per image token
+    merge: str = "flat"  # "flat" (one view, its tokens as they are) | "spatial_unpad" (needs vision.anyres_max)
 
 
 class Projector(nn.Module):
@@ -51,6 +54,12 @@ class Projector(nn.Module):
             if vision_tokens is None:
                 raise ValueError("projector.pos_embed needs the tower's number of tokens (vision_tokens)")
             self.pos_embed = nn.Parameter(torch.zeros(1, self.num_tokens(vision_tokens), lm_width))  # [1, T', D]
+        if cfg.merge not in ("flat", "spatial_unpad"):
+            raise ConfigError(f"projector.merge={cfg.merge!r} must be 'flat' or 'spatial_unpad'")
+        if cfg.merge == "spatial_unpad":
+            if cfg.pool != 1 or cfg.grid:
+                raise ConfigError("projector.merge=spatial_unpad keeps every patch: set projector.pool=1, grid=0")
+            self.image_newline = nn.Parameter(torch.zeros(lm_width))  # [D] ends each row of the merged grid
 
     def num_tokens(self, vision_tokens: int) -> int:
         """Return how many tokens one image becomes."""
@@ -59,7 +68,7 @@ class Projector(nn.Module):
         side = math.isqrt(vision_tokens)
         if side * side != vision_tokens:
             raise ConfigError(f"projector.pool/grid need a square grid of patch tokens, got {vision_tokens} "
-                             "(with vision.use_cls=true the class token breaks the grid)")
+                              "(with vision.use_cls=true the class token breaks the grid)")
         return self.grid**2 if self.grid else math.ceil(side / self.pool) ** 2
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:

@@ -1,11 +1,15 @@
-"""Vision towers from timm or open_clip, returning patch features [N, T, C] of a chosen layer.
+"""Vision towers from timm, open_clip or transformers, returning patch features [N, T, C] of a chosen layer.
 
-One code path with a backend switch: both libraries build the model from its name (plus size
-overrides) and expose `forward_intermediates`, so the tower asks for the wanted layer (LLaVA
-takes the penultimate one) and prunes the layers after it, which keeps parameters that would
-never get a gradient out of the optimizer, out of ZeRO's bookkeeping and out of DDP's unused-
-parameter check. Weights come only from a local file (`vision.weights`); building never touches
-the network.
+One code path with a backend switch: the libraries build the model from its name or config (plus
+size overrides); the tower asks for the wanted layer (LLaVA takes the penultimate one) and prunes
+the layers after it, which keeps parameters that would never get a gradient out of the optimizer,
+out of ZeRO's bookkeeping and out of DDP's unused-parameter check. Weights come only from a local
+file (`vision.weights`) or a converted model folder; building never touches the network.
+
+The `transformers` backend is SigLIP as LLaVA-OneVision and LLaDA-V cut it: `overrides` is the
+SiglipVisionConfig (the full tower's), the layers after `feature_layer` are dropped, and so are
+the post-layernorm and the pooling head. Its parameter names are those of `SiglipVisionModel`'s
+vision transformer, so a LLaVA-family checkpoint loads by swapping a prefix (see mmdlm/llada_v.py).
 """
 
 from __future__ import annotations
@@ -27,8 +31,9 @@ HUB_PREFIXES = ("hf-hub:", "hf_hub:")  # names that make timm / open_clip fetch 
 
 @dataclass
 class VisionConfig:
-    backend: str = "timm"  # "timm" | "open_clip"
-    model: str = "resnet18"  # a timm model name (timm.list_models) or an open_clip one (open_clip.list_models)
+    backend: str = "timm"  # "timm" | "open_clip" | "transformers" (SigLIP)
+    # a timm model name (timm.list_models), an open_clip one (open_clip.list_models), or "siglip" (transformers)
+    model: str = "resnet18"
     image_size: int | None = None  # None: the model's own input size
     # Constructor overrides. timm: create_model kwargs (depth, embed_dim, patch_size, ...).
     # open_clip: model-config entries, merged key by key (vision_cfg: {layers, width, ...}),
@@ -42,10 +47,23 @@ class VisionConfig:
     # nothing near the border is lost, which VQA needs); True keeps the tower config's eval
     # resize + centre crop (timm crop_pct, open_clip resize_mode).
     center_crop: bool = False
+    # Normalisation for the transformers backend (SigLIP's 0.5 / 0.5 when None); timm and open_clip use their own.
+    image_mean: list[float] | None = None
+    image_std: list[float] | None = None
+    # Any resolution (encoders/anyres.py): 0 = one view per image; N = LLaVA's anyres_max_N over
+    # `grid_pinpoints` ([width, height] pairs, multiples of the input size), merged by projector.merge.
+    anyres_max: int = 0
+    grid_pinpoints: list[list[int]] = field(default_factory=list)
 
     def validate(self) -> None:
-        if self.backend not in ("timm", "open_clip"):
-            raise ConfigError(f"vision.backend={self.backend!r} must be 'timm' or 'open_clip'")
+        if self.backend not in ("timm", "open_clip", "transformers"):
+            raise ConfigError(f"vision.backend={self.backend!r} must be 'timm', 'open_clip' or 'transformers'")
+        if self.backend == "transformers" and self.model != "siglip":
+            raise ConfigError(f"vision.model={self.model!r}: the transformers backend builds 'siglip' "
+                             "(SiglipVisionModel from vision.overrides)")
+        if self.anyres_max and not self.grid_pinpoints:
+            raise ConfigError(f"vision.anyres_max={self.anyres_max} needs vision.grid_pinpoints "
+                              "([width, height] pairs)")
         if self.model.startswith(HUB_PREFIXES):
             raise ConfigError(f"vision.model={self.model!r} names a hub model: this project never downloads; "
                              "set vision.model to a library model name and vision.weights to a local file")
@@ -123,6 +141,34 @@ def _create_open_clip(cfg: VisionConfig) -> nn.Module:
     return model.visual
 
 
+def _create_transformers(cfg: VisionConfig) -> nn.Module:
+    """Return SiglipVisionModel with the layers after `feature_layer`, the post-layernorm and the head removed."""
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+
+    config = SiglipVisionConfig(**{k: v for k, v in cfg.overrides.items() if k not in ("image_mean", "image_std")})
+    if cfg.image_size is not None:
+        config.image_size = cfg.image_size
+    kept = config.num_hidden_layers + 1 + cfg.feature_layer if cfg.feature_layer < 0 else cfg.feature_layer
+    if not 0 < kept <= config.num_hidden_layers:
+        raise ValueError(f"vision.feature_layer={cfg.feature_layer} is outside the tower's "
+                         f"{config.num_hidden_layers} layers")
+    config.num_hidden_layers, config.vision_use_head = kept, False
+    model = SiglipVisionModel(config)
+    model = getattr(model, "vision_model", model)  # transformers 4 wraps the transformer, 5 does not: same names
+    model.post_layernorm = nn.Identity()  # LLaVA takes hidden states, not the normed output
+    if cfg.weights:  # a SiglipVisionModel safetensors file: its kept layers load, the rest is left out on purpose
+        from safetensors.torch import load_file
+
+        state = {k.removeprefix("vision_model."): v for k, v in load_file(cfg.weights).items()}
+        wanted = model.state_dict()
+        missing = sorted(set(wanted) - set(state))
+        if missing:
+            raise ValueError(f"vision.weights={cfg.weights!r} lacks {missing[:4]}: not a SiglipVisionModel file "
+                             "of this size (vision.overrides)")
+        model.load_state_dict({k: state[k] for k in wanted})
+    return model
+
+
 class VisionTower(nn.Module):
     """Backbone + layer selection: pixel_values [N, 3, H, W] -> features [N, T, C]."""
 
@@ -130,6 +176,14 @@ class VisionTower(nn.Module):
         super().__init__()
         cfg.validate()
         self.cfg = cfg
+        if cfg.backend == "transformers":
+            if cfg.use_cls:
+                raise ValueError("vision.use_cls=true, but SigLIP has no class token: set vision.use_cls=false")
+            self.backbone = _create_transformers(cfg)
+            if cfg.frozen:
+                self.requires_grad_(False)
+            self.num_tokens, self.hidden_size = self._probe()
+            return
         self.backbone = _create_timm(cfg) if cfg.backend == "timm" else _create_open_clip(cfg)
         # open_clip wraps timm towers (its SigLIPs) in `.trunk` + an adapter head.
         trunk = getattr(self.backbone, "trunk", self.backbone)
@@ -163,6 +217,9 @@ class VisionTower(nn.Module):
     def input_size(self) -> tuple[int, int]:
         if self.cfg.image_size is not None:
             return (self.cfg.image_size, self.cfg.image_size)
+        if self.cfg.backend == "transformers":
+            side = self.backbone.config.image_size
+            return (side, side)
         if self.cfg.backend == "timm":
             return tuple(self.backbone.pretrained_cfg["input_size"][1:])
         size = self.backbone.image_size
@@ -170,6 +227,8 @@ class VisionTower(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         x = pixel_values.to(next(self.parameters()).dtype)
+        if self.cfg.backend == "transformers":
+            return self.backbone(pixel_values=x).last_hidden_state  # [N, T, C] the kept layers' output
         if self.cfg.backend == "timm":
             extra = {"return_prefix_tokens": True} if self.cfg.use_cls else {}
             out = self.backbone.forward_intermediates(x, indices=[self.layer], intermediates_only=True, **extra)[0]

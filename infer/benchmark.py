@@ -2,6 +2,7 @@
 
     python infer/benchmark.py --model DIR --data WORLD [--limit 50] [--plot frontier.png]
     python infer/benchmark.py --prefix-tokens 256       # prefix-cache speedup on a random-init LM
+    python infer/benchmark.py --llada-v --model DIR --input qa.json   # a converted LLaDA-V (infer/llada_v_bench.py)
 
 With a model: for VQA (WORLD/test/qa.json) and captions (WORLD/test/captions.json) it prints, per
 setting, the score (VQA accuracy / CIDEr), forward passes and tokens per forward per sample, the
@@ -207,9 +208,9 @@ def with_model(args: argparse.Namespace) -> int:
         prefixes, twin_prefixes = [], []
         for r in requests:
             images = [load_image(p) for p in r["images"]]
-            prefixes.append(answerer.prefix([answerer.prompt_ids(r["turns"], len(images))], [images]))
+            prefixes.append(answerer.prefix([answerer.prompt_ids(r["turns"], images)], [images]))
             if twin is not None:  # its own tower and projector make its own prefix
-                twin_prefixes.append(twin.prefix([twin.prompt_ids(r["turns"], len(images))], [images]))
+                twin_prefixes.append(twin.prefix([twin.prompt_ids(r["turns"], images)], [images]))
         encode_ms = 1000 * (time.perf_counter() - began) / len(requests)
         task = dict(name=name, answerer=answerer, requests=requests, prefixes=prefixes, repeats=args.repeats,
                     references={r["id"]: [r["reference"]] for r in requests},
@@ -261,7 +262,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="synthetic run: weights dtype")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--llada-v", action="store_true", help="the LLaDA-V ladder: --model and --input, or --shape")
+    p.add_argument("--input", help="--llada-v: LLaVA JSON of questions (image paths beside it)")
+    p.add_argument("--shape", choices=["small", "8b"], help="--llada-v: random weights in LLaDA-V's layout")
+    p.add_argument("--gen-length", type=int, default=16, help="--llada-v: answer canvas (one block)")
     args = p.parse_args(argv)
+    if args.llada_v:
+        from mmdlm.infer.llada_v_bench import run
+
+        if not args.shape and not (args.model and args.input):
+            p.error("--llada-v needs --model DIR --input qa.json, or --shape")
+        return run(args)
     if args.model is None:
         return synthetic(args)
     if args.data is None:

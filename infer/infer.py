@@ -139,16 +139,23 @@ class Answerer:
         self.model, self.tokenizer = model, tokenizer
         self.chat, self.special = ChatEncoder(tokenizer), special_ids(tokenizer)
         self.transform = model.image_transform()
+        # What the model's makers prompt and sample with (a converted LLaDA-V: its system turn, its suppressed ids)
+        self.system_prompt = getattr(model.config, "system_prompt", None)
+        self.sampler_defaults = dict(getattr(model.config, "sampler", None) or {})
         # Trained with prefix-DLM attention (LaViDa): then the prefix cache is exact and on by default.
         self.prefix_dlm = bool(getattr(model.config, "prefix_dlm", False))
         self.context = model.lm.config.max_position_embeddings
         self.autoregressive = model.lm.config.attention == "causal"
         self.device = next(model.parameters()).device
 
-    def prompt_ids(self, turns: list[dict], num_images: int) -> list[int]:
-        """Return the chat-templated prompt with each image expanded to its run of placeholder ids."""
-        ids = self.chat.encode_prompt(place_image_tokens(turns, num_images))
-        return expand_image_runs(ids, self.special.image, self.model.num_image_tokens)
+    def prompt_ids(self, turns: list[dict], images: list[Image.Image]) -> list[int]:
+        """Return the chat-templated prompt (after the model's system turn, if any) with each image expanded to
+        its run of placeholder ids."""
+        turns = place_image_tokens(turns, len(images))
+        if self.system_prompt and turn_role(turns[0]) != "system":
+            turns = [{"from": "system", "value": self.system_prompt}, *turns]
+        runs = [self.model.image_tokens(image.size) for image in images]
+        return expand_image_runs(self.chat.encode_prompt(turns), self.special.image, runs)
 
     @torch.no_grad()
     def prefix(self, prompts: list[list[int]], images: list[list[Image.Image]]):
@@ -159,13 +166,14 @@ class Answerer:
         for row, prompt in enumerate(prompts):
             ids[row, width - len(prompt) :] = torch.tensor(prompt)
             mask[row, width - len(prompt) :] = True
-        flat = [self.transform(image) for row in images for image in row]
-        pixels = torch.stack(flat).to(self.device) if flat else None  # [N_images, 3, H, W]
-        return self.model.embed(ids.to(self.device), pixels), mask.to(self.device)
+        flat = [self.transform(image) for row in images for image in row]  # [3, H, W] or, any resolution, [V, 3, H, W]
+        pixels = (torch.cat if flat and flat[0].dim() == 4 else torch.stack)(flat).to(self.device) if flat else None
+        sizes = torch.tensor([image.size for row in images for image in row]).reshape(-1, 2)  # [N_images, 2] (w, h)
+        return self.model.embed(ids.to(self.device), pixels, image_sizes=sizes), mask.to(self.device)
 
     def answer(self, turns: list[list[dict]], images: list[list[Image.Image]], config: SamplerConfig, canvas=None):
         """Return one Answer per request (turns and images of each)."""
-        prompts = [self.prompt_ids(t, len(i)) for t, i in zip(turns, images)]
+        prompts = [self.prompt_ids(t, i) for t, i in zip(turns, images)]
         longest = max(len(p) for p in prompts)
         if longest + config.gen_length > self.context:
             raise InferError(
@@ -257,6 +265,8 @@ def sampler_config(args: argparse.Namespace, task: str, answerer: Answerer) -> S
     cache = ("prefix" if answerer.prefix_dlm else "none") if args.cache == "auto" else args.cache
     prefix_dlm = answerer.prefix_dlm or cache == "prefix"
     special = answerer.special
+    options.update(suppress_ids=tuple(answerer.sampler_defaults.get("suppress_ids", ())),
+                   float64_confidence=bool(answerer.sampler_defaults.get("float64_confidence", False)))
     config = SamplerConfig(
         **options, confidence=args.confidence, temperature=args.temperature, cache=cache, prefix_dlm=prefix_dlm,
         early_stop=not args.no_early_stop, eos_id=special.eos, stop_ids=(special.eot,),

@@ -255,8 +255,13 @@ class DiffusionLM(PreTrainedModel):
         start: int = 0,
         fill_cache: bool = False,
         causal: bool | None = None,
+        logits_from: int = 0,
     ) -> torch.Tensor:
         """Return logits [B, L, V] for tokens (or embeddings) at positions start..start+L-1.
+
+        `logits_from` > 0 returns only the last L - logits_from positions' logits: a sampler that
+        reads only the canvas skips the vocabulary projection of a long prompt (LLaDA-V's 126k
+        vocabulary times a few thousand image tokens is most of a forward's memory).
 
         attention_mask [B, Lk] marks real keys (False = padding) over every key the queries see:
         the whole sequence, cached part included. With `cache`, keys/values outside
@@ -283,7 +288,7 @@ class DiffusionLM(PreTrainedModel):
                 x = checkpoint(block, x, cos, sin, mask, use_reentrant=False)
             else:
                 x = block(x, cos, sin, mask, cache, i, start, fill_cache)
-        return self.lm_head(self.norm(x))
+        return self.lm_head(self.norm(x[:, logits_from:]))
 
 
 AutoConfig.register(DLMConfig.model_type, DLMConfig)

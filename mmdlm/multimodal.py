@@ -3,6 +3,10 @@
 The collator writes each image as a run of `num_image_tokens` copies of the `<image>` id; `embed`
 replaces those embeddings, in row-major order, by the projected features of the images in order
 of appearance. Everything downstream (loss, sampler, cache) sees only embeddings and ids.
+
+With any-resolution images (`vision.anyres_max`, LLaDA-V) an image's run length depends on its
+size: `image_tokens(size)` gives it, `pixel_values` holds every image's views one after another
+and `image_sizes` [N, 2] (width, height) says which views belong to which image.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedMode
 
 from mmdlm.cache import KVCache
 from mmdlm.config import ConfigError, from_dict, load_yaml
-from mmdlm.encoders.processor import image_transform
+from mmdlm.encoders.processor import anyres_grid, image_transform
 from mmdlm.encoders.projector import Projector, ProjectorConfig
 from mmdlm.encoders.tower import VisionConfig, VisionTower
 from mmdlm.model import DiffusionLM, DLMConfig
@@ -31,12 +35,17 @@ class MMDLMConfig(PretrainedConfig):
     model_type = "mmdlm"
 
     def __init__(self, vision: dict | None = None, projector: dict | None = None, lm: dict | None = None,
-                 image_token_id: int = 0, prefix_dlm: bool = False, **kwargs):
+                 image_token_id: int = 0, prefix_dlm: bool = False, sampler: dict | None = None,
+                 system_prompt: str | None = None, **kwargs):
         self.vision = dict(vision or {})
         self.prefix_dlm = prefix_dlm  # trained with prefix-DLM attention: the sampler's prefix cache is exact
         self.projector = dict(projector or {})
         self.lm = dict(lm or {})
         self.image_token_id = image_token_id
+        # What the model's makers sample with (SamplerConfig fields, e.g. LLaDA-V's suppress_ids) and
+        # prompt with (a system turn before the conversation); infer.py starts from these.
+        self.sampler = dict(sampler or {})
+        self.system_prompt = system_prompt
         super().__init__(**kwargs)
 
 
@@ -55,6 +64,9 @@ class MMDLM(PreTrainedModel):
         self.projector = Projector(projector, self.vision.hidden_size, self.lm.config.hidden_size,
                                    self.vision.num_tokens)
         self.num_image_tokens = self.projector.num_tokens(self.vision.num_tokens)
+        self.anyres = anyres_grid(self.vision)  # None: every image is one view of num_image_tokens tokens
+        if (self.anyres is None) != (projector.merge == "flat"):
+            raise ValueError("vision.anyres_max and projector.merge=spatial_unpad go together: set both or neither")
 
     def _init_weights(self, module) -> None:  # each part initialises itself (timm, open_clip, DiffusionLM)
         pass
@@ -73,8 +85,15 @@ class MMDLM(PreTrainedModel):
         """Return the tower's preprocessing: PIL image -> FloatTensor [3, H, W]."""
         return image_transform(self.vision)
 
-    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+    def image_tokens(self, size: tuple[int, int]) -> int:
+        """Return the length of the `<image>` run of an image of `size` (width, height)."""
+        return self.num_image_tokens if self.anyres is None else self.anyres.num_tokens(tuple(size))
+
+    def encode_images(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None = None) -> torch.Tensor:
         """Return projected image tokens [N, num_image_tokens, D] for pixel_values [N, 3, H, W].
+
+        Any resolution: pixel_values [sum of views, 3, H, W] and image_sizes [N, 2] give the merged
+        tokens of all images one after another, [sum of image_tokens(size), D].
 
         In training, N = 0 (a text-only batch) still runs the tower and projector, on one blank
         image, and returns an empty slice of that output: every rank runs and gathers the same
@@ -87,50 +106,78 @@ class MMDLM(PreTrainedModel):
             tower_training = self.vision.training
             self.vision.eval()  # the blank image must not move BatchNorm's running statistics
             try:
-                return self.projector(self.vision(blank))[:0]  # [0, T, D], still in the autograd graph
+                tokens = self.projector(self.vision(blank))  # [1, T, D]
+                if self.anyres is not None:  # the newline too, so that every parameter runs every step
+                    tokens = tokens + 0.0 * self.projector.image_newline
+                return tokens[:0]  # [0, T, D], still in the autograd graph
             finally:
                 self.vision.train(tower_training)
-        return self.projector(self.vision(pixel_values))
+        features = self.projector(self.vision(pixel_values))  # [views, T, D]
+        if self.anyres is None:
+            return features
+        if image_sizes is None:
+            raise ValueError("any-resolution images need image_sizes [N, 2] (width, height) beside pixel_values")
+        sizes = [tuple(size) for size in image_sizes.tolist()]
+        views = [self.anyres.num_crops(size) for size in sizes]
+        if sum(views) != features.shape[0]:
+            raise ValueError(f"pixel_values holds {features.shape[0]} views, the image sizes call for {views}")
+        parts = features.split(views)
+        return torch.cat([self.anyres.merge(part, size, self.projector.image_newline)
+                          for part, size in zip(parts, sizes)])  # fmt: skip
 
     def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
-              image_features: torch.Tensor | None = None) -> torch.Tensor:
+              image_features: torch.Tensor | None = None, image_sizes: torch.Tensor | None = None) -> torch.Tensor:
         """Return inputs_embeds [B, L, D]: token embeddings with every `<image>` run replaced by image features.
 
-        Runs are filled in row-major order, one image per `num_image_tokens` ids, so adjacent images
-        may form one longer run. `image_features` [N, T, D] (from encode_images) skips the tower.
+        Runs are filled in row-major order, one image per `num_image_tokens` ids (per image_tokens(size)
+        with any resolution), so adjacent images may form one longer run. `image_features` (from
+        encode_images) skips the tower.
         """
         is_image = input_ids == self.config.image_token_id  # [B, L]
         if image_features is None and pixel_values is None and self.training:
             pixel_values = torch.zeros(0, 3, *self.vision.input_size, device=input_ids.device)  # text only
         if image_features is None and pixel_values is not None and (pixel_values.shape[0] or self.training):
-            image_features = self.encode_images(pixel_values)  # the tower before the embeddings, on every batch
-        n_images = 0 if image_features is None else image_features.shape[0]
-        self._check_runs(is_image, n_images)
+            image_features = self.encode_images(pixel_values, image_sizes)  # the tower first, on every batch
+        if image_features is None or image_features.shape[0] == 0:
+            counts = []
+        elif image_features.dim() == 2:  # any resolution: merged tokens of all images, [sum T, D]
+            counts = ([self.image_tokens(s) for s in image_sizes.tolist()] if image_sizes is not None
+                      else [image_features.shape[0]])  # fmt: skip
+        else:
+            counts = [image_features.shape[1]] * image_features.shape[0]
+        self._check_runs(is_image, counts)
         embeds = self.lm.get_input_embeddings()(input_ids)  # [B, L, D]
         if image_features is None:
             return embeds
         return embeds.masked_scatter(is_image[..., None], image_features.to(embeds.dtype))
 
-    def _check_runs(self, is_image: torch.Tensor, n_images: int) -> None:
-        """Raise ValueError unless the `<image>` runs hold exactly n_images x num_image_tokens ids, image by image."""
-        T = self.num_image_tokens
+    def _check_runs(self, is_image: torch.Tensor, counts: list[int]) -> None:
+        """Raise ValueError unless the `<image>` runs are the images' runs (`counts` ids each) in order."""
         flat = torch.nn.functional.pad(is_image, (1, 1)).flatten().int()  # a False on each side of every row
         edges = flat.diff().nonzero().flatten().tolist()  # alternating run starts and ends, row-major
         lengths = [end - start for start, end in zip(edges[::2], edges[1::2])]
-        if any(n % T for n in lengths) or sum(lengths) != n_images * T:
+        fits, k = sum(lengths) == sum(counts), 0
+        for length in lengths if fits else []:  # each run is whole images, consecutive ones
+            while length > 0 and k < len(counts):
+                length, k = length - counts[k], k + 1
+            fits = fits and length == 0
+        if not fits:
             shown = lengths[:8] + (["..."] if len(lengths) > 8 else [])
+            wanted = counts[:8] + (["..."] if len(counts) > 8 else [])
+            each = f" of {wanted} tokens" if len(set(counts)) > 1 else f" x {counts[0]} tokens each" if counts else ""
             raise ValueError(
-                f"{len(lengths)} <image> runs of lengths {shown} ({sum(lengths)} tokens), but {n_images} images "
-                f"x {T} tokens each: expand every <image> to num_image_tokens ids and pass one image per placeholder"
+                f"{len(lengths)} <image> runs of lengths {shown} ({sum(lengths)} tokens), but {len(counts)} images"
+                f"{each}: expand every <image> to its image's run (model.image_tokens) and pass one image per "
+                "placeholder"
             )
 
     def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, prefix_len: torch.Tensor | int | None = None,
                 image_features: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
                 cache: KVCache | None = None, start: int = 0, fill_cache: bool = False,
-                causal: bool | None = None) -> torch.Tensor:
+                causal: bool | None = None, image_sizes: torch.Tensor | None = None) -> torch.Tensor:
         """Return logits [B, L, V]; see DiffusionLM.forward for masks, prefix-DLM, the cache and `causal`."""
-        embeds = self.embed(input_ids, pixel_values, image_features)
+        embeds = self.embed(input_ids, pixel_values, image_features, image_sizes)
         return self.lm(inputs_embeds=embeds, attention_mask=attention_mask, prefix_len=prefix_len,
                        position_ids=position_ids, cache=cache, start=start, fill_cache=fill_cache, causal=causal)
 

@@ -48,6 +48,9 @@ class SamplerConfig:
     stop_ids: tuple[int, ...] = ()  # further stop tokens (end of turn)
     cache: str = "none"  # "prefix" (exact, needs prefix_dlm) or "block" (DualCache, approximate)
     prefix_dlm: bool = False  # prefix queries attend only the prefix (the model's prefix_len=)
+    # LLaDA-V's rule: these ids may never be chosen at a masked position (its BOS, EOS and header ids)
+    suppress_ids: tuple[int, ...] = ()
+    float64_confidence: bool = False  # LLaDA-V ranks by a float64 softmax (LLaDA by float32)
 
     @property
     def parallel(self) -> bool:
@@ -174,13 +177,14 @@ class _Rows:
         return _Rows(**fields)
 
 
-def _forward(model, rows: _Rows, a: int, b: int, P: int, config: SamplerConfig, mask_id: int, cache, fill: bool):
-    """Return logits [n, b-a, V] for positions a..b-1; keys outside them come from `cache`."""
+def _forward(model, rows: _Rows, a: int, b: int, P: int, config: SamplerConfig, mask_id: int, cache, fill: bool,
+             skip: int = 0):
+    """Return logits [n, b-a-skip, V] for positions a+skip..b-1; keys outside [a, b) come from `cache`."""
     n_copies = 2 if config.cfg_scale > 0 else 1
     ids = rows.x[:, a:b]
     if n_copies == 2:  # unconditional row: the prompt replaced by masks
         ids = torch.cat([ids, torch.where(rows.is_prefix[:, a:b], mask_id, ids)])
-    kwargs = {}
+    kwargs = {"logits_from": skip} if skip else {}
     if rows.key_mask is not None:
         kwargs["attention_mask"] = rows.key_mask.repeat(n_copies, 1)
         kwargs["position_ids"] = rows.position_ids[:, a:b].repeat(n_copies, 1)
@@ -246,6 +250,7 @@ def generate(
     step = torch.where(x == mask_id, -1, 0)
     rows = _Rows(torch.arange(B, device=device), x, step, is_prefix, key_mask, position_ids, prefix_embeds)
     stop_ids = torch.tensor([i for i in (config.eos_id, *config.stop_ids) if i is not None], device=device)
+    suppress = torch.tensor(config.suppress_ids, device=device) if config.suppress_ids else None
 
     out_tokens, out_step = x[:, P:].clone(), step[:, P:].clone()
     row_forwards = torch.zeros(B, dtype=torch.long, device=device)
@@ -276,16 +281,23 @@ def generate(
                 a, b = (P if config.prefix_dlm and cache is not None and cache.length else 0), P + G
             else:
                 a, b = (P, P + G) if config.cache == "prefix" else (lo, hi)
-            logits = _forward(model, rows, a, b, P, config, mask_id, cache, refresh)  # [n, b-a, V]
+            # Greedy low-confidence decoding draws nothing over the window: the logits before `first` are never read.
+            skip = first - a if config.temperature == 0 and config.remasking == "low_confidence" else 0
+            logits = _forward(model, rows, a, b, P, config, mask_id, cache, refresh, skip)  # [n, b-a-skip, V]
+            a += skip
             forward_passes += 1
             row_forwards[rows.index] += 1
             # Noise over the whole window (LLaDA draws it so), then only [first, hi) matters.
             scores = add_gumbel_noise(logits, config.temperature)[:, first - a : hi - a]
+            window = logits[:, first - a : hi - a]  # [n, hi-first, V]
+            if suppress is not None:  # only masked positions are ever committed: the rule may cover them all
+                scores = scores.index_fill(-1, suppress, -torch.inf)
+                window = window.index_fill(-1, suppress, -torch.inf)
             if config.parallel:  # a committed mask id would stay a hole, and the block never fill
                 scores = scores.index_fill(-1, torch.tensor([mask_id], device=device), -torch.inf)
             x0 = scores.argmax(-1)  # [n, hi-first]
             if config.remasking == "low_confidence":
-                conf = confidence_of(logits[:, first - a : hi - a], x0, config.confidence)
+                conf = confidence_of(window.double() if config.float64_confidence else window, x0, config.confidence)
             else:
                 conf = torch.rand(logits.shape[:2], device=device)[:, first - a : hi - a]
             region = rows.x[:, first:hi]  # a view: writes land in rows.x

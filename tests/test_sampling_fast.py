@@ -36,7 +36,8 @@ class Recorder(nn.Module):
     def get_input_embeddings(self):
         return self.lm.get_input_embeddings()
 
-    def forward(self, input_ids=None, inputs_embeds=None, **kwargs):
+    def forward(self, input_ids=None, inputs_embeds=None, logits_from=0, **kwargs):
+        # Records the whole window's logits (the positions the forward computed), returns what was asked for.
         logits = self.lm(input_ids=input_ids, inputs_embeds=inputs_embeds, **kwargs)
         if self.eos_bias:
             rows = torch.ones(logits.shape[0], dtype=torch.bool)
@@ -44,7 +45,7 @@ class Recorder(nn.Module):
                 rows = input_ids[:, 0] == self.trigger
             logits[rows, :, EOS] += self.eos_bias
         self.calls.append((logits.shape[1], logits.clone()))
-        return logits
+        return logits[:, logits_from:]
 
 
 def prompts(n: int = 2, length: int = 6, seed: int = 1) -> torch.Tensor:

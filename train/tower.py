@@ -37,8 +37,8 @@ from mmdlm.config import ConfigError, from_dict, load_config, load_yaml
 from mmdlm.data.llava import LlavaDataset
 from mmdlm.data.scenes import CELL_ATTRIBUTES, GRID, cell_labels
 from mmdlm.encoders.processor import image_transform
-from mmdlm.errors import report_user_errors
 from mmdlm.encoders.tower import VisionTower
+from mmdlm.errors import report_user_errors
 from mmdlm.multimodal import ModelConfig
 from mmdlm.train.build import load_vision
 

@@ -52,14 +52,15 @@ def loss_of(engine, batch: dict, cfg: TrainConfig, mask_id: int, generator: torc
     model: MMDLM = engine.module
     ids, attention, maskable = batch["input_ids"], batch["attention_mask"], batch["maskable"]  # [B, L]
     pixels = batch["pixel_values"]  # [N, 3, H, W]
+    image_sizes = batch.get("image_sizes")  # [N, 2] with any-resolution images, else None
     # One vision pass, reused by every forward of the step. Called for a text-only batch too (N = 0
     # runs the tower on a blank image): every rank runs the same modules in the same order, outside
     # the engine's forward, or ZeRO-3's parameter gathers mismatch across ranks.
-    features = model.encode_images(pixels)  # [N, T, D]
+    features = model.encode_images(pixels, image_sizes)  # [N, T, D]; any resolution: [sum of image runs, D]
 
     def next_token() -> torch.Tensor:  # causal attention whatever the model's own (AR warm-up, joint loss)
-        return next_token_loss(engine(ids, attention_mask=attention, image_features=features, causal=True),
-                               ids, maskable)
+        logits = engine(ids, attention_mask=attention, image_features=features, image_sizes=image_sizes, causal=True)
+        return next_token_loss(logits, ids, maskable)
 
     if cfg.objective == "autoregressive" or step < cfg.ar_warmup_steps:
         return next_token(), None, None
@@ -67,9 +68,11 @@ def loss_of(engine, batch: dict, cfg: TrainConfig, mask_id: int, generator: torc
 
     def logits_fn(noisy: torch.Tensor) -> torch.Tensor:  # [k*B, L] -> [k*B, L, V]
         k = noisy.shape[0] // ids.shape[0]
-        feats = None if features is None else features.repeat(k, 1, 1)
+        feats = None if features is None else features.repeat(k, *[1] * (features.dim() - 1))
         prefix = None if prefix_len is None else prefix_len.repeat(k)
-        return engine(noisy, attention_mask=attention.repeat(k, 1), image_features=feats, prefix_len=prefix)
+        sizes = None if batch.get("image_sizes") is None else batch["image_sizes"].repeat(k, 1)
+        return engine(noisy, attention_mask=attention.repeat(k, 1), image_features=feats, prefix_len=prefix,
+                      image_sizes=sizes)
 
     out = masked_diffusion_loss(logits_fn, ids, maskable, mask_id, eps=cfg.mask_eps,
                                 complementary=cfg.complementary_masking, generator=generator,
@@ -128,7 +131,8 @@ def train(cfg: TrainConfig, resume: bool) -> Path:
         print(f"resuming at step {state.step}" if state.step else f"no complete checkpoint in {ckpt_dir}: "
               "starting at step 0", flush=True)
     saved_at = state.step if state.step else None
-    collator = Collator(tokenizer, model.image_transform(), model.num_image_tokens, cfg.data.max_length,
+    runs = model.num_image_tokens if model.anyres is None else model.image_tokens  # per image size with anyres
+    collator = Collator(tokenizer, model.image_transform(), runs, cfg.data.max_length,
                         mode="sft" if cfg.data.json else "pretrain", sft_padding=cfg.data.sft_padding)
     batches = iter(build_loader(cfg, collator, rank, world, state))
     if rank == 0:

@@ -1,0 +1,127 @@
+"""A converted LLaDA-V folder (tokenizer included) answers through infer.py like any model folder."""
+
+import json
+
+import pytest
+import torch
+
+from mmdlm.infer.infer import Answerer, load_image, load_model, main
+from mmdlm.llada_v import main as convert_main
+from mmdlm.sampling import SamplerConfig
+
+
+@pytest.fixture(scope="module")
+def converted(llada_v_folder, tmp_path_factory):
+    out = tmp_path_factory.mktemp("llada-v-infer") / "model"
+    assert convert_main([str(llada_v_folder), str(out), "--dtype", "float32"]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def spec(llada_v_folder):
+    return json.loads((llada_v_folder / "samples.json").read_text())
+
+
+def test_ids_come_from_the_tokenizer(converted):
+    config = json.loads((converted / "config.json").read_text())
+    assert config["sampler"]["suppress_ids"] == [291, 290, 293, 294]  # EOS, BOS, <|start/end_header_id|>
+    assert config["lm"]["mask_token_id"] == 292
+    assert config["image_token_id"] == 296  # <image> added after the tokenizer's last token, inside vocab 300
+
+
+@pytest.mark.parametrize("k", [0, 1])
+def test_prompt_and_answer_equal_llada_v(converted, llada_v_folder, spec, k):
+    sample = spec["samples"][k]
+    answerer = Answerer(*load_model(converted))
+    image = load_image(llada_v_folder / sample["image"])
+    turns = [{"from": "human", "value": sample["question"]}]
+    run = [answerer.special.image] * sample["num_image_feature_tokens"]
+    want = [t for token in sample["input_ids"] for t in (run if token == -200 else [token])]
+    assert answerer.prompt_ids(turns, [image]) == want  # system turn, chat template, image run: LLaDA-V's
+    s = answerer.special
+    vanilla = SamplerConfig(gen_length=8, block_length=8, steps=8, eos_id=s.eos, stop_ids=(s.eot,),
+                            **answerer.sampler_defaults)  # fmt: skip
+    answer = answerer.answer([turns], [[image]], vanilla)[0]
+    assert answer.pieces == [answerer.tokenizer.decode([t]) for t in sample["generated_ids"]]
+    assert answer.forward_passes == 8
+
+
+@pytest.mark.parametrize("options", [
+    [], ["--threshold", "0", "--steps", "8", "--gen-length", "8", "--no-early-stop"], ["--cache", "prefix"],
+    ["--cache", "block"], ["--factor", "2"], ["--confidence", "margin"], ["--temperature", "0.5"],
+])  # fmt: skip
+def test_every_sampler_and_cache_option_answers(converted, llada_v_folder, options, capsys):
+    image = llada_v_folder / "image_b.png"
+    assert main(["--model", str(converted), "--image", str(image), "--question", "Describe it.", *options]) == 0
+    assert capsys.readouterr().out.endswith("\n")
+
+
+def test_batched_anyres_images_equal_alone(converted, llada_v_folder):
+    """Images of different sizes have runs of different lengths; a batch left-pads them and changes nothing."""
+    answerer = Answerer(*load_model(converted))
+    s = answerer.special
+    config = SamplerConfig(gen_length=8, block_length=8, threshold=0.9, early_stop=True, eos_id=s.eos,
+                           stop_ids=(s.eot,), **answerer.sampler_defaults)  # fmt: skip
+    turns = [[{"from": "human", "value": "<image>\nWhat is it?"}]] * 2
+    images = [[load_image(llada_v_folder / "image_a.png")], [load_image(llada_v_folder / "image_b.png")]]
+    together = answerer.answer(turns, images, config)
+    for k in range(2):
+        alone = answerer.answer(turns[k : k + 1], images[k : k + 1], config)[0]
+        assert alone.pieces == together[k].pieces
+    assert torch.is_tensor(answerer.transform(images[1][0])) and answerer.transform(images[1][0]).shape[0] == 9
+
+
+@pytest.mark.slow
+def test_fine_tune_converted_model(converted, llada_v_folder, tmp_path):
+    """The normal fine-tuning path: anyres images of two sizes in one batch, then answers from the export.
+
+    Full fine-tuning only: LoRA is the same path with adapters on the LM (test_finetune.py), and each
+    DeepSpeed run costs about a minute on two cores.
+    """
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    for name in ("image_a.png", "image_b.png"):
+        shutil.copy(llada_v_folder / name, tmp_path / name)
+    entries = [{"id": str(k), "image": name, "conversations": [
+        {"from": "human", "value": "<image>\nWhat is in the picture?"}, {"from": "gpt", "value": answer}]}
+        for k, (name, answer) in enumerate([("image_a.png", "A red box."), ("image_b.png", "A triangle.")] * 2)]
+    (tmp_path / "train.json").write_text(json.dumps(entries))
+    root = Path(__file__).resolve().parents[1]
+    before = load_file(str(converted / "model.safetensors"))
+    for name, extra in [("full", [])]:
+        sets = [f"init_from={converted}", f"data.json=[{tmp_path / 'train.json'}]", "data.max_length=256",
+                "max_steps=2", "save_every=0", "micro_batch_size=4", f"output_dir={tmp_path / name}", *extra]
+        cmd = [sys.executable, "-m", "mmdlm.train", "--config", "configs/train/finetune.yaml"]
+        env = {**__import__("os").environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+        proc = subprocess.run([*cmd, *[a for s in sets for a in ("--set", s)]], cwd=root, env=env,
+                              capture_output=True, text=True, timeout=300)  # fmt: skip
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+        after = load_file(str(tmp_path / name / "model" / "model.safetensors"))
+        assert not torch.equal(after["lm.layers.0.attn.q_proj.weight"], before["lm.layers.0.attn.q_proj.weight"])
+        assert torch.equal(after["vision.backbone.encoder.layers.1.mlp.fc1.weight"],
+                           before["vision.backbone.encoder.layers.1.mlp.fc1.weight"])  # frozen tower
+        image = llada_v_folder / "image_a.png"
+        assert main(["--model", str(tmp_path / name / "model"), "--image", str(image), "--question", "What?"]) == 0
+
+
+def test_collator_sizes_each_anyres_run(converted, llada_v_folder):
+    from mmdlm.data.collate import Collator
+    from mmdlm.data.tokenizer import load_tokenizer
+
+    model, tokenizer = load_model(converted)
+    collator = Collator(load_tokenizer(converted), model.image_transform(), model.image_tokens, max_length=256)
+    images = [load_image(llada_v_folder / name) for name in ("image_a.png", "image_b.png")]
+    batch = collator([{"images": [image], "conversations": [{"from": "human", "value": "<image>\nWhat?"},
+                                                           {"from": "gpt", "value": "A shape."}]} for image in images])
+    assert batch["image_sizes"].tolist() == [[300, 200], [700, 420]]
+    assert batch["pixel_values"].shape == (3 + 9, 3, 224, 224)  # base view + 2x1 tiles, base view + 4x2 tiles
+    assert (batch["input_ids"] == model.config.image_token_id).sum(1).tolist() == [44, 82]
+    with torch.no_grad():  # and the model takes the batch as it is
+        logits = model(batch["input_ids"], batch["pixel_values"], attention_mask=batch["attention_mask"],
+                       image_sizes=batch["image_sizes"])
+    assert logits.shape == (*batch["input_ids"].shape, 300)
