@@ -69,8 +69,8 @@ def test_resume_on_another_number_of_ranks_keeps_the_data_position(world, tmp_pa
     zero_dir = out / "checkpoints" / "step_0000004" / "universal" / "zero"
     saved = runs.weights(export_checkpoint(out, "step_0000004", tmp_path / "step4"))
     converted = sorted(p.name for p in zero_dir.iterdir() if p.is_dir())  # one folder per parameter
-    assert "lm.layers.0.mlp.up_proj.weight" in converted and set(converted) <= set(saved)
-    assert len(converted) == len(saved)  # every parameter trains here (vision, projector, lm)
+    buffers = {k for k in saved if k.rsplit(".", 1)[-1] in ("running_mean", "running_var", "num_batches_tracked")}
+    assert set(saved) - buffers <= set(converted) <= set(saved)  # every parameter (ZeRO-2 adds the buffers)
     for name in converted:
         assert torch.equal(universal(zero_dir / name / "fp32.pt"), saved[name].float().flatten()), name
     assert universal(zero_dir / "lm.layers.0.mlp.up_proj.weight" / "exp_avg.pt").abs().sum() > 0
