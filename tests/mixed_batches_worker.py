@@ -73,7 +73,8 @@ def rows_one_by_one(engine, batch: dict, cfg: TrainConfig, mask_id: int, seed: i
 
     generator = torch.Generator().manual_seed(seed)
     return masked_diffusion_loss(logits_fn, ids, batch["maskable"], mask_id, eps=cfg.mask_eps,
-                                 complementary=cfg.complementary_masking, generator=generator).loss
+                                 complementary=cfg.complementary_masking, generator=generator,
+                                 schedule=cfg.mask_schedule).loss
 
 
 def run(stage: int, world_dir: Path, out: Path) -> list[dict]:
@@ -81,7 +82,8 @@ def run(stage: int, world_dir: Path, out: Path) -> list[dict]:
     ds = out / f"zero{stage}.json"
     cfg = load_config(TrainConfig, ROOT / "configs/train/demo_sft.yaml", [
         f"data.tokenizer={world_dir / 'tokenizer'}", f"data.json=[{world_dir / 'train' / 'qa.json'}]", "init_from=null",
-        f"deepspeed={ds}", f"micro_batch_size={ROWS}", "trainable=[vision, projector, lm]", *SMALL])
+        f"deepspeed={ds}", f"micro_batch_size={ROWS}", "trainable=[vision, projector, lm]",
+        "ar_warmup_steps=0", *SMALL])  # every step masked diffusion, the loss compared row by row
     if rank == 0:
         config = json.loads((ROOT / f"configs/deepspeed/zero{stage}.json").read_text())
         if stage == 3:  # partition every tensor, the tiny ones too: the tower's gathers are real collectives
