@@ -83,7 +83,7 @@ def run(stage: int, world_dir: Path, out: Path) -> list[dict]:
     cfg = load_config(TrainConfig, ROOT / "configs/train/demo_sft.yaml", [
         f"data.tokenizer={world_dir / 'tokenizer'}", f"data.json=[{world_dir / 'train' / 'qa.json'}]", "init_from=null",
         f"deepspeed={ds}", f"micro_batch_size={ROWS}", "trainable=[vision, projector, lm]",
-        "ar_warmup_steps=0", *SMALL])  # every step masked diffusion, the loss compared row by row
+        "ar_warmup_steps=0", "data.fractions=[]", *SMALL])  # every step masked diffusion, the loss compared row by row
     if rank == 0:
         config = json.loads((ROOT / f"configs/deepspeed/zero{stage}.json").read_text())
         if stage == 3:  # partition every tensor, the tiny ones too: the tower's gathers are real collectives

@@ -95,7 +95,8 @@ def test_fine_tune_converted_model(converted, llada_v_folder, tmp_path):
     before = load_file(str(converted / "model.safetensors"))
     for name, extra in [("full", [])]:
         sets = [f"init_from={converted}", f"data.json=[{tmp_path / 'train.json'}]", "data.max_length=256",
-                "max_steps=2", "save_every=0", "micro_batch_size=4", f"output_dir={tmp_path / name}", *extra]
+                "max_steps=2", "save_every=0", "micro_batch_size=4", f"output_dir={tmp_path / name}",
+                    "trainable=[projector,lm]", *extra]  # the README's advice: keep a pretrained SigLIP frozen
         cmd = [sys.executable, "-m", "mmdlm.train", "--config", "configs/train/finetune.yaml"]
         env = {**__import__("os").environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
         proc = subprocess.run([*cmd, *[a for s in sets for a in ("--set", s)]], cwd=root, env=env,

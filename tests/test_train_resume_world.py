@@ -70,7 +70,10 @@ def test_resume_on_another_number_of_ranks_keeps_the_data_position(world, tmp_pa
     saved = runs.weights(export_checkpoint(out, "step_0000004", tmp_path / "step4"))
     converted = sorted(p.name for p in zero_dir.iterdir() if p.is_dir())  # one folder per parameter
     buffers = {k for k in saved if k.rsplit(".", 1)[-1] in ("running_mean", "running_var", "num_batches_tracked")}
-    assert set(saved) - buffers <= set(converted) <= set(saved)  # every parameter (ZeRO-2 adds the buffers)
+    # Every trained parameter (ZeRO-2 adds the buffers). The demo's tower is frozen: ZeRO-3 keeps frozen
+    # weights out of the optimizer, so they come back from the model's own start, as they never change.
+    frozen = {k for k in saved if k.startswith("vision.")} if zero == 3 else set()
+    assert set(saved) - buffers - frozen <= set(converted) <= set(saved)
     for name in converted:
         assert torch.equal(universal(zero_dir / name / "fp32.pt"), saved[name].float().flatten()), name
     assert universal(zero_dir / "lm.layers.0.mlp.up_proj.weight" / "exp_avg.pt").abs().sum() > 0

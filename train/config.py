@@ -106,7 +106,8 @@ class TrainConfig:
             raise ConfigError(f"objective={self.objective!r} must be 'diffusion' or 'autoregressive'")
         if self.data.fractions and (len(self.data.fractions) != len(self.data.json)
                                     or not all(0 < f <= 1 for f in self.data.fractions)):
-            raise ConfigError(f"data.fractions={self.data.fractions} needs one number in (0, 1] per data.json file")
+            raise ConfigError(f"data.fractions={self.data.fractions} needs one number in (0, 1] per data.json file "
+                              f"({len(self.data.json)} given); --set data.fractions=[] uses every file whole")
         if self.mask_schedule not in ("ratio", "count"):
             raise ConfigError(f"mask_schedule={self.mask_schedule!r} must be 'ratio' or 'count'")
         if self.data.sft_padding not in ("eos", "mask"):
