@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
+from mmdlm.data.errors import DataError
+
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (50, 90, 230), "yellow": (235, 210, 40)}
 SHAPES = ("circle", "square", "triangle")
 SIZES = ("small", "large")
@@ -167,13 +169,14 @@ def cell_labels(text: str) -> list[list[int]]:
     """Return [GRID*GRID cells][colour, shape, size] class ids of a templated caption (0 = empty cell).
 
     The demo world's own supervision for its tower-pretraining stage: its captions name every
-    object's size, colour, shape and cell. ValueError when the caption is not one of the world's.
+    object's size, colour, shape and cell. DataError when the caption is not one of the world's.
     """
     cell_of = {phrase: row * GRID + col for (row, col), phrase in PLACES.items()}
     labels = [[0, 0, 0] for _ in range(GRID * GRID)]
     parts = _CAPTION_PART.findall(text)
     if not parts:
-        raise ValueError(f"not a demo-world caption: {text[:80]!r}")
+        raise DataError(f"not a demo-world caption: {text[:80]!r} (the per-cell labels exist only in the demo "
+                        "world; pretrain your own tower with configs/train/demo_tower_caption.yaml)")
     for size, colour, shape, place in parts:
         labels[cell_of[place]] = [CELL_ATTRIBUTES["colour"].index(colour) + 1, SHAPES.index(shape) + 1,
                                   SIZES.index(size) + 1]
