@@ -10,7 +10,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mmdlm.config import ConfigError
+from mmdlm.data.collate import SFT_PADDINGS
 from mmdlm.data.errors import ON_ERROR
+from mmdlm.diffusion import SCHEDULES
 
 MODULES = ("vision", "projector", "lm")
 
@@ -108,15 +110,14 @@ class TrainConfig:
                                     or not all(0 < f <= 1 for f in self.data.fractions)):
             raise ConfigError(f"data.fractions={self.data.fractions} needs one number in (0, 1] per data.json file "
                               f"({len(self.data.json)} given); --set data.fractions=[] uses every file whole")
-        if self.mask_schedule not in ("ratio", "count"):
-            raise ConfigError(f"mask_schedule={self.mask_schedule!r} must be 'ratio' or 'count'")
-        if self.data.sft_padding not in ("eos", "mask"):
-            raise ConfigError(f"data.sft_padding={self.data.sft_padding!r} must be 'eos' or 'mask'")
+        if self.mask_schedule not in SCHEDULES:
+            raise ConfigError(f"mask_schedule={self.mask_schedule!r} must be one of {SCHEDULES}")
+        if self.data.sft_padding not in SFT_PADDINGS:
+            raise ConfigError(f"data.sft_padding={self.data.sft_padding!r} must be one of {SFT_PADDINGS}")
         if self.ar_warmup_steps < 0 or self.ar_loss_weight < 0:
             raise ConfigError("ar_warmup_steps and ar_loss_weight must be >= 0")
         if (self.ar_warmup_steps or self.ar_loss_weight) and self.objective != "diffusion":
             raise ConfigError("ar_warmup_steps / ar_loss_weight help a diffusion model: they need objective=diffusion")
-
         if bool(self.data.json) == bool(self.data.shards):
             raise ConfigError("set exactly one of data.json (conversations) or data.shards (documents)")
         if self.data.on_error not in ON_ERROR:

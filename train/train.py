@@ -68,9 +68,9 @@ def loss_of(engine, batch: dict, cfg: TrainConfig, mask_id: int, generator: torc
 
     def logits_fn(noisy: torch.Tensor) -> torch.Tensor:  # [k*B, L] -> [k*B, L, V]
         k = noisy.shape[0] // ids.shape[0]
-        feats = None if features is None else features.repeat(k, *[1] * (features.dim() - 1))
+        feats = features.repeat(k, *[1] * (features.dim() - 1))
         prefix = None if prefix_len is None else prefix_len.repeat(k)
-        sizes = None if batch.get("image_sizes") is None else batch["image_sizes"].repeat(k, 1)
+        sizes = None if image_sizes is None else image_sizes.repeat(k, 1)
         return engine(noisy, attention_mask=attention.repeat(k, 1), image_features=feats, prefix_len=prefix,
                       image_sizes=sizes)
 
