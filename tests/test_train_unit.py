@@ -111,7 +111,10 @@ def test_bad_configs_are_named(tmp_path):
     for override, message in [("trainable=[decoder]", "unknown modules"), ("grad_accum=0", "grad_accum"),
                               ("deepspeed=nope.json", "nope.json"), ("data.shards=x.tar", "exactly one"),
                               ("optim.lr_multipliers={tower: 0.1}", "lr_multipliers"),
-                              ("model_overrides=[lm.attention=causal]", "init_from")]:  # demo_sft starts from align
+                              ("model_overrides=[lm.attention=causal]", "init_from"),  # demo_sft starts from align
+                              ("mask_schedule=cosine", "mask_schedule"), ("data.sft_padding=pad", "sft_padding"),
+                              ("ar_warmup_steps=-1", "ar_warmup_steps"),
+                              ("objective=autoregressive", "need objective=diffusion")]:  # demo_sft warms up with AR
         cfg = load_config(TrainConfig, ROOT / "configs/train/demo_sft.yaml", [override])
         with pytest.raises(ConfigError, match=message):
             cfg.validate()
