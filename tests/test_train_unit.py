@@ -1,6 +1,7 @@
 """The training layer's parts in one process: configs, data order, schedule, optimizer groups, guard, files."""
 
 import json
+import random
 from pathlib import Path
 
 import pytest
@@ -68,6 +69,34 @@ def test_resume_on_another_world_size_sees_each_sample_of_the_epoch_once(before,
     assert nxt == order1[0 : batch * after : after]
 
 
+@pytest.mark.parametrize("before, after", [(2, 1), (1, 3)])
+def test_group_by_length_batches_similar_rows_and_resumes_on_another_world_size(before, after):
+    size, batch, seed, group = 96, 4, 7, 24
+    rng = random.Random(0)
+    lengths = [rng.choice([20, 25, 30, 80, 90]) for _ in range(size)]  # short VQA rows and long captions
+    plain = ResumableBatchSampler(size, batch, 0, 1, seed)
+    grouped = ResumableBatchSampler(size, batch, 0, 1, seed, lengths=lengths, group=group)
+    for epoch in (0, 1):  # the same samples per group of the epoch's permutation, each group longest first
+        order, base = grouped.order(epoch), plain.order(epoch)
+        for k in range(0, size, group):
+            assert sorted(order[k : k + group]) == sorted(base[k : k + group])
+            assert [lengths[i] for i in order[k : k + group]] == sorted((lengths[i] for i in base[k : k + group]),
+                                                                         reverse=True)  # fmt: skip
+    waste = lambda sampler: sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b)  # noqa: E731
+                                for b in take(sampler, 24))  # fmt: skip
+    assert waste(grouped) < waste(plain) / 3  # padding to the longest row of each batch
+    # Resume on another world size: epoch 0 is still one pass over the grouped order, no repeats.
+    state = TrainState(batches_consumed=2, data_round=batch * before)
+    epoch, offset = start_position(state, size, batch * after)
+    seen = [i for r in range(before) for b in take(ResumableBatchSampler(size, batch, r, before, seed, lengths=lengths,
+                                                                          group=group), 2) for i in b]  # fmt: skip
+    rounds = (size - offset) // (batch * after)
+    seen += [i for r in range(after) for b in take(ResumableBatchSampler(size, batch, r, after, seed, epoch, offset,
+                                                                         lengths, group), rounds) for i in b]  # fmt: skip
+    assert sorted(seen) == sorted(grouped.order(0)[: len(seen)]) and len(seen) == len(set(seen))
+    assert size - len(seen) < batch * after
+
+
 def test_schedule_warms_up_then_decays_to_the_floor():
     cfg = TrainConfig(max_steps=100)
     cfg.optim.warmup_steps, cfg.optim.min_lr_ratio = 10, 0.1
@@ -114,6 +143,7 @@ def test_bad_configs_are_named(tmp_path):
                               ("model_overrides=[lm.attention=causal]", "init_from"),  # demo_sft starts from align
                               ("mask_schedule=cosine", "mask_schedule"), ("data.sft_padding=pad", "sft_padding"),
                               ("ar_warmup_steps=-1", "ar_warmup_steps"),
+                              ("data.group_by_length=-5", "group_by_length"),
                               ("objective=autoregressive", "need objective=diffusion")]:  # demo_sft warms up with AR
         cfg = load_config(TrainConfig, ROOT / "configs/train/demo_sft.yaml", [override])
         with pytest.raises(ConfigError, match=message):

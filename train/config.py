@@ -32,6 +32,9 @@ class DataConfig:
     # SFT padding after each answer: "eos" = LLaDA's EOS runs, attended and targets; "mask" = one EOS
     # target, then mask tokens that are attended but never targets (see data/collate.py).
     sft_padding: str = "eos"
+    # Group-by-length batching (LLaVA): each epoch's order is cut into groups of this many samples, each
+    # sorted by length, so short VQA rows are not padded to a caption's length. 0 = off.
+    group_by_length: int = 0
     on_error: str = "stop"  # a broken JSON entry: stop (with its name) or skip (one warning line, counted)
 
 
@@ -120,6 +123,9 @@ class TrainConfig:
             raise ConfigError("ar_warmup_steps / ar_loss_weight help a diffusion model: they need objective=diffusion")
         if bool(self.data.json) == bool(self.data.shards):
             raise ConfigError("set exactly one of data.json (conversations) or data.shards (documents)")
+        if self.data.group_by_length < 0 or (self.data.group_by_length and self.data.shards):
+            raise ConfigError(f"data.group_by_length={self.data.group_by_length} must be >= 0 and groups data.json "
+                              "conversations only (shards stream in order)")
         if self.data.on_error not in ON_ERROR:
             raise ConfigError(f"data.on_error={self.data.on_error!r} must be one of {ON_ERROR}")
         if self.precision not in ("auto", "fp32", "bf16"):

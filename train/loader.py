@@ -34,17 +34,33 @@ class ResumableBatchSampler(Sampler[list[int]]):
     less than a round is left (that ragged tail is dropped so every rank has as many batches). The
     position is (epoch, offset): samples of the epoch's permutation already taken, so a run saved
     on one number of ranks resumes on another with no sample of the epoch seen twice or skipped.
+
+    With `lengths` and `group` > 0 (LLaVA's group-by-length), the permutation is cut into groups of
+    `group` samples, each sorted longest first: a micro-batch then holds rows of similar length and
+    pads little. The order depends on (seed, epoch, lengths, group), never on the world size, so
+    resuming on another number of ranks stays exact.
     """
 
-    def __init__(self, size: int, batch_size: int, rank: int, world: int, seed: int, epoch: int = 0, offset: int = 0):
+    def __init__(self, size: int, batch_size: int, rank: int, world: int, seed: int, epoch: int = 0, offset: int = 0,
+                 lengths: list[int] | None = None, group: int = 0):  # fmt: skip
         self.size, self.batch_size, self.seed = size, batch_size, seed
         self.rank, self.world = rank, world
+        self.lengths, self.group = lengths, group
         self.epoch, self.offset = advance(size, batch_size * world, epoch, offset, 0)
+
+    def order(self, epoch: int) -> list[int]:
+        """Return epoch `epoch`'s order of the set's indices."""
+        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
+        if not (self.group and self.lengths):
+            return order
+        lengths = self.lengths
+        chunks = [order[k : k + self.group] for k in range(0, self.size, self.group)]
+        return [i for chunk in chunks for i in sorted(chunk, key=lambda i: -lengths[i])]
 
     def __iter__(self) -> Iterator[list[int]]:
         epoch, offset, round_ = self.epoch, self.offset, self.batch_size * self.world
         while True:
-            order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
+            order = self.order(epoch)
             while offset + round_ <= self.size:
                 yield order[offset + self.rank : offset + round_ : self.world]
                 offset += round_
@@ -108,6 +124,16 @@ class Forever(IterableDataset):
                 yield sample
 
 
+def text_lengths(dataset) -> list[int]:
+    """Return each sample's text length in characters (a proxy for its tokens), through Subset / ConcatDataset."""
+    if isinstance(dataset, Subset):
+        lengths = text_lengths(dataset.dataset)
+        return [lengths[i] for i in dataset.indices]
+    if isinstance(dataset, ConcatDataset):
+        return [n for part in dataset.datasets for n in text_lengths(part)]
+    return dataset.text_lengths()
+
+
 def take_fractions(sets: list, fractions: list[float], seed: int) -> list:
     """Return each set cut to a seeded random subset of its `data.fractions` entry (mixing ratios; [] = all)."""
     out = []
@@ -138,7 +164,9 @@ def build_loader(cfg: TrainConfig, collator: Collator, rank: int, world: int, st
         dataset = ConcatDataset(sets) if len(sets) > 1 else sets[0]
         round_ = cfg.micro_batch_size * world
         epoch, offset = start_position(state, len(dataset), round_)
-        sampler = ResumableBatchSampler(len(dataset), cfg.micro_batch_size, rank, world, cfg.seed, epoch, offset)
+        lengths = text_lengths(dataset) if cfg.data.group_by_length else None
+        sampler = ResumableBatchSampler(len(dataset), cfg.micro_batch_size, rank, world, cfg.seed, epoch, offset,
+                                        lengths, cfg.data.group_by_length)  # fmt: skip
         state.data_epoch, state.data_offset = sampler.epoch, sampler.offset
         state.data_batches_at_start, state.data_round = state.batches_consumed, round_
         return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.data.num_workers)
