@@ -1,7 +1,7 @@
 """The demo world on disk: train / val / test splits of drawn scenes as LLaVA JSON, shards and a tokenizer.
 
     OUT/{train,val,test}/images/*.png   the scenes
-    OUT/{split}/qa.json                 one question per entry, the image before the question
+    OUT/{split}/qa.json                 one question per entry, the image after the question
     OUT/{split}/captions.json           "Describe the image." -> caption, same images
     OUT/{split}/shards/docs-000000.tar  interleaved documents of 2-3 scenes with text between them
     OUT/tokenizer/                      byte-level BPE trained on all the text above
@@ -42,7 +42,10 @@ def split_seed(seed: int, split: str) -> int:
 
 
 def _conversation(question: str, answer: str) -> list[dict]:
-    return [{"from": "human", "value": "<image>\n" + question}, {"from": "gpt", "value": answer}]
+    # The image after the question (LLaVA's data has both orders): in a causal pass, as in the
+    # autoregressive warm-up, the image's tokens then see the question. Measured on the demo: 94.6%
+    # after 1,200 warm-up steps with the question first, 67% with the image first (README, The demo).
+    return [{"from": "human", "value": question + "\n<image>"}, {"from": "gpt", "value": answer}]
 
 
 def _document(key: str, scenes: list[tuple[Path, list]]) -> dict:

@@ -57,11 +57,26 @@ def conversation_problems(conversations: object) -> list[str]:
     return problems
 
 
-def place_image_tokens(conversations: list[dict], num_images: int) -> list[dict]:
-    """Return the turns with exactly `num_images` '<image>' placeholders, prepended to the first human turn if none.
+IMAGE_POSITIONS = ("before", "after")
 
-    LLaVA prepends '<image>\\n' when an entry has an image but no placeholder; a placeholder count that
-    neither matches nor is zero is ambiguous, so it is an error.
+
+def image_position_of(conversations: list[list[dict]]) -> str:
+    """Return "after" when most conversations' first '<image>' ends their first human turn, else "before"."""
+    after = before = 0
+    for turns in conversations:
+        text = next((str(t.get("value")) for t in turns if isinstance(t, dict) and ROLES.get(t.get("from")) == "user"
+                     and IMAGE_TOKEN in str(t.get("value"))), "").strip()  # fmt: skip
+        after += text.endswith(IMAGE_TOKEN) and not text.startswith(IMAGE_TOKEN)
+        before += text.startswith(IMAGE_TOKEN)
+    return "after" if after > before else "before"
+
+
+def place_image_tokens(conversations: list[dict], num_images: int, position: str = "before") -> list[dict]:
+    """Return the turns with exactly `num_images` '<image>' placeholders, put in the first human turn if none.
+
+    LLaVA prepends '<image>\\n' when an entry has an image but no placeholder (position "before"); a
+    model trained with its images after the question (the demo's: see data/synthetic.py) says
+    "after" in its config. A placeholder count that neither matches nor is zero is ambiguous: an error.
     """
     found = sum(turn["value"].count(IMAGE_TOKEN) for turn in conversations)
     if found == num_images:
@@ -71,7 +86,10 @@ def place_image_tokens(conversations: list[dict], num_images: int) -> list[dict]
         first_user = next((t for t in turns if turn_role(t) == "user"), None)
         if first_user is None:
             raise DataError(f"{num_images} image(s) but no human turn to put '<image>' in")
-        first_user["value"] = (IMAGE_TOKEN + "\n") * num_images + first_user["value"]
+        if position == "after":
+            first_user["value"] = first_user["value"] + ("\n" + IMAGE_TOKEN) * num_images
+        else:
+            first_user["value"] = (IMAGE_TOKEN + "\n") * num_images + first_user["value"]
         return turns
     raise DataError(f"{found} '<image>' placeholder(s) in the text but {num_images} image(s) in the entry")
 

@@ -141,6 +141,7 @@ class Answerer:
         self.transform = model.image_transform()
         # What the model's makers prompt and sample with (a converted LLaDA-V: its system turn, its suppressed ids)
         self.system_prompt = getattr(model.config, "system_prompt", None)
+        self.image_position = getattr(model.config, "image_position", "before")
         self.sampler_defaults = dict(getattr(model.config, "sampler", None) or {})
         # Trained with prefix-DLM attention (LaViDa): then the prefix cache is exact and on by default.
         self.prefix_dlm = bool(getattr(model.config, "prefix_dlm", False))
@@ -151,7 +152,7 @@ class Answerer:
     def prompt_ids(self, turns: list[dict], images: list[Image.Image]) -> list[int]:
         """Return the chat-templated prompt (after the model's system turn, if any) with each image expanded to
         its run of placeholder ids."""
-        turns = place_image_tokens(turns, len(images))
+        turns = place_image_tokens(turns, len(images), self.image_position)
         if self.system_prompt and turn_role(turns[0]) != "system":
             turns = [{"from": "system", "value": self.system_prompt}, *turns]
         runs = [self.model.image_tokens(image.size) for image in images]
@@ -286,7 +287,7 @@ def requests_from(args: argparse.Namespace) -> tuple[str, list[dict]]:
         if args.question is not None and not args.question.strip():
             raise InferError("--question is empty: ask something about the image, or use --caption")
         text = CAPTION_PROMPT if args.caption else args.question
-        turns = [{"from": "human", "value": "<image>\n" + text.strip()}]
+        turns = [{"from": "human", "value": text.strip()}]  # the image goes where the model's config says
         image = load_image(args.image)  # before the model loads: a bad file fails fast
         return ("caption" if args.caption else "vqa"), [{"id": "0", "images": [image], "turns": turns}]
     task = "caption" if "caption" in Path(args.input).name else "vqa"

@@ -36,7 +36,7 @@ class MMDLMConfig(PretrainedConfig):
 
     def __init__(self, vision: dict | None = None, projector: dict | None = None, lm: dict | None = None,
                  image_token_id: int = 0, prefix_dlm: bool = False, sampler: dict | None = None,
-                 system_prompt: str | None = None, **kwargs):
+                 system_prompt: str | None = None, image_position: str = "before", **kwargs):
         self.vision = dict(vision or {})
         self.prefix_dlm = prefix_dlm  # trained with prefix-DLM attention: the sampler's prefix cache is exact
         self.projector = dict(projector or {})
@@ -46,6 +46,9 @@ class MMDLMConfig(PretrainedConfig):
         # prompt with (a system turn before the conversation); infer.py starts from these.
         self.sampler = dict(sampler or {})
         self.system_prompt = system_prompt
+        # Where a question's image goes when a request gives no '<image>': "before" the text (LLaVA) or
+        # "after" it; training records what its data did (train/build.py).
+        self.image_position = image_position
         super().__init__(**kwargs)
 
 

@@ -13,7 +13,7 @@ from transformers import PreTrainedTokenizerFast
 from mmdlm.data.cli import main
 from mmdlm.data.errors import DataError, DataWarning
 from mmdlm.data.llava import LlavaDataset
-from mmdlm.data.template import ChatEncoder, place_image_tokens
+from mmdlm.data.template import ChatEncoder, image_position_of, place_image_tokens
 from mmdlm.data.tokenizer import LLADA_CHAT_TEMPLATE, SPECIAL_TOKENS, load_tokenizer, special_ids, train_demo_tokenizer
 
 TEXTS = ["What colour is the circle?", "red", "a small red circle on the left.", "Describe the image.", "user"] * 20
@@ -99,6 +99,9 @@ def test_place_image_tokens():
     turns = [{"from": "human", "value": "Compare them."}, {"from": "gpt", "value": "same"}]
     assert place_image_tokens(turns, 2)[0]["value"] == "<image>\n<image>\nCompare them."
     assert turns[0]["value"] == "Compare them."  # the input is not modified
+    assert place_image_tokens(turns, 1, "after")[0]["value"] == "Compare them.\n<image>"
+    assert image_position_of([place_image_tokens(turns, 1, "after")] * 2 + [place_image_tokens(turns, 1)]) == "after"
+    assert image_position_of([place_image_tokens(turns, 1)] + [turns] * 3) == "before"  # no placeholder: not counted
     middle = [{"from": "human", "value": "Left <image> right <image>?"}, {"from": "gpt", "value": "x"}]
     assert place_image_tokens(middle, 2) == middle
     with pytest.raises(DataError, match="1 '<image>' placeholder"):

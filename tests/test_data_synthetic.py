@@ -42,7 +42,7 @@ def load_qa(world, split):
 
 def question_and_answer(entry):
     human, gpt = entry["conversations"]
-    return human["value"].removeprefix("<image>\n"), gpt["value"]
+    return human["value"].removesuffix("\n<image>"), gpt["value"]
 
 
 def test_layout(world):
@@ -54,9 +54,9 @@ def test_layout(world):
         assert sorted(p.name for p in (world / split / "shards").glob("*.tar"))[0] == "docs-000000.tar"
         entry = qa[0]
         assert entry["image"].startswith("images/") and (world / split / entry["image"]).is_file()
-        assert entry["conversations"][0]["value"].startswith("<image>\n")
+        assert entry["conversations"][0]["value"].endswith("?\n<image>")  # the image after the question
         assert entry["question_type"] in QUESTION_TYPES
-        assert captions[0]["conversations"][0]["value"] == "<image>\nDescribe the image."
+        assert captions[0]["conversations"][0]["value"] == "Describe the image.\n<image>"
         assert Image.open(world / split / entry["image"]).size == (64, 64)
     tokenizer = load_tokenizer(world / "tokenizer")
     assert len(tokenizer) <= 512

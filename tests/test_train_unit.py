@@ -11,8 +11,9 @@ from mmdlm.config import ConfigError, load_config
 from mmdlm.data.errors import DataError
 from mmdlm.model import DiffusionLM, DLMConfig
 from mmdlm.multimodal import MMDLM, build_model
+from mmdlm.train import build as build_mod
 from mmdlm.train import export as export_mod
-from mmdlm.train.build import deepspeed_config, lr_lambda, param_groups
+from mmdlm.train.build import add_answer_tokens, deepspeed_config, lr_lambda, param_groups
 from mmdlm.train.checkpoint import MARKER, TrainState, _prune, check_fresh_start, complete_checkpoints
 from mmdlm.train.config import TrainConfig
 from mmdlm.train.export import merge_lora, write_model_folder
@@ -91,10 +92,42 @@ def test_group_by_length_batches_similar_rows_and_resumes_on_another_world_size(
     seen = [i for r in range(before) for b in take(ResumableBatchSampler(size, batch, r, before, seed, lengths=lengths,
                                                                           group=group), 2) for i in b]  # fmt: skip
     rounds = (size - offset) // (batch * after)
-    seen += [i for r in range(after) for b in take(ResumableBatchSampler(size, batch, r, after, seed, epoch, offset,
-                                                                         lengths, group), rounds) for i in b]  # fmt: skip
+    resumed = [ResumableBatchSampler(size, batch, r, after, seed, epoch, offset, lengths, group) for r in range(after)]
+    seen += [i for sampler in resumed for b in take(sampler, rounds) for i in b]
     assert sorted(seen) == sorted(grouped.order(0)[: len(seen)]) and len(seen) == len(set(seen))
     assert size - len(seen) < batch * after
+
+
+def test_answer_tokens_make_long_answer_words_one_token_at_the_mean_of_their_pieces(tmp_path, monkeypatch):
+    from mmdlm.data.synthetic import synthesize
+    from mmdlm.data.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(synthesize(tmp_path / "w", 8, 2, 2, seed=1) / "tokenizer")
+    torch.manual_seed(0)
+    lm = DiffusionLM(DLMConfig(vocab_size=len(tokenizer) + 1, hidden_size=16, intermediate_size=32,
+                               num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2))  # fmt: skip
+    entries = [{"conversations": [{"from": "human", "value": "<image>\nq?"}, {"from": "gpt", "value": answer}]}
+               for answer in ("checkerboard", "red", "zigzag speckles", "checkerboard")]  # fmt: skip
+    pieces = {w: tokenizer.encode(w, add_special_tokens=False) for w in ("checkerboard", "zigzag", "speckles", "red")}
+    assert len(pieces["red"]) < 3 and min(len(pieces[w]) for w in ("checkerboard", "zigzag", "speckles")) >= 3
+    before_in, before_out = lm.embed_tokens.weight.detach().clone(), lm.lm_head.weight.detach().clone()
+    known = len(tokenizer)
+    added = add_answer_tokens(tokenizer, lm, [e["conversations"] for e in entries])
+    assert added == ["checkerboard", "speckles", "zigzag"]
+    assert lm.config.vocab_size == len(tokenizer) == len(before_in) + 2  # one spare row, then the table grew
+    for word in added:
+        (new,) = tokenizer.encode(word, add_special_tokens=False)
+        assert torch.allclose(lm.embed_tokens.weight[new], before_in[pieces[word]].mean(0))
+        assert torch.allclose(lm.lm_head.weight[new], before_out[pieces[word]].mean(0))
+    assert torch.equal(lm.embed_tokens.weight[:known], before_in[:known])  # the known tokens' rows are untouched
+    assert torch.equal(lm.lm_head.weight[:known], before_out[:known])
+    assert tokenizer.decode(tokenizer.encode("zigzag speckles", add_special_tokens=False)) == "zigzag speckles"
+    conversations = [e["conversations"] for e in entries]
+    assert add_answer_tokens(tokenizer, lm, conversations) == []  # a resumed run adds nothing twice
+    monkeypatch.setattr(build_mod, "MAX_ANSWER_TOKENS", 0)
+    entries[0]["conversations"][1]["value"] = "diagonal"
+    with pytest.raises(ConfigError, match="free-form answers"):
+        add_answer_tokens(tokenizer, lm, [e["conversations"] for e in entries])
 
 
 def test_schedule_warms_up_then_decays_to_the_floor():

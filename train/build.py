@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 
 from mmdlm.config import ConfigError, apply_overrides, from_dict, load_yaml
+from mmdlm.data.llava import read_json_list
+from mmdlm.data.template import ROLES, image_position_of
 from mmdlm.data.tokenizer import load_tokenizer, special_ids
 from mmdlm.multimodal import MMDLM, ModelConfig, build_model
 from mmdlm.train.config import MODULES, TrainConfig
@@ -33,6 +35,11 @@ def build(cfg: TrainConfig):
                             image_token_id=ids.image, mask_token_id=ids.mask)
     if cfg.init_vision_from:
         load_vision(model.vision, Path(cfg.init_vision_from))
+    conversations = [entry.get("conversations") or [] for path in cfg.data.json for entry in read_json_list(Path(path))
+                     if isinstance(entry, dict)]  # fmt: skip
+    if conversations:  # infer.py puts a question's image where this data does
+        model.config.image_position = image_position_of(conversations)
+    added = add_answer_tokens(tokenizer, model.lm, conversations) if cfg.data.answer_tokens else []
     if len(tokenizer) > model.lm.config.vocab_size:
         raise ConfigError(f"tokenizer has {len(tokenizer)} tokens, the model only {model.lm.config.vocab_size}: "
                           "use the tokenizer the model was trained with (data.tokenizer)")
@@ -49,11 +56,49 @@ def build(cfg: TrainConfig):
         lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
                           target_modules=list(cfg.lora.target_modules))
         model.lm = get_peft_model(model.lm, lora)  # freezes the LM except the adapters
+        if added:  # new token rows must learn: the embedding tables train beside the adapters
+            for table in (model.lm.get_input_embeddings(), model.lm.get_output_embeddings()):
+                table.requires_grad_(True)
     if cfg.activation_checkpointing:
         model.set_activation_checkpointing(True)
     if cfg.compile:
         (model.lm.get_base_model() if cfg.lora.r > 0 else model.lm).compile_blocks()
     return tokenizer, model.train()
+
+
+MAX_ANSWER_TOKENS = 1000
+MIN_PIECES = 3
+
+
+def add_answer_tokens(tokenizer, lm, conversations: list[list[dict]]) -> list[str]:
+    """Make each answer word that the tokenizer splits into MIN_PIECES or more pieces a token of its own; return them.
+
+    Why: a small tokenizer (the demo's knows ~40 words) spells an unseen answer in 3-9 pieces, often
+    single letters every answer shares; a short fine-tune then learns the pieces' order too weakly,
+    and parallel decoding mixes pieces of two words ("speckless", "ringss"). One token per answer word
+    makes the answer one choice among the set's words. A new row starts at the mean of its pieces'
+    rows (input and output embeddings), so the model's first guess is what it knew of the word; the
+    table grows only when the tokenizer outgrows it. Large tokenizers (LLaDA's 126k) split few words
+    this much: the option then adds little or nothing.
+    """
+    words = sorted({word for turns in conversations for turn in turns
+                    if isinstance(turn, dict) and ROLES.get(turn.get("from")) == "assistant"
+                    for word in str(turn.get("value", "")).split()})  # fmt: skip
+    pieces = {word: tokenizer.encode(word, add_special_tokens=False) for word in words}
+    new = [word for word in words if len(pieces[word]) >= MIN_PIECES and word not in tokenizer.get_vocab()]
+    if len(new) > MAX_ANSWER_TOKENS:
+        raise ConfigError(f"data.answer_tokens would add {len(new)} tokens (answer words of {MIN_PIECES}+ pieces; "
+                          f"at most {MAX_ANSWER_TOKENS}): free-form answers need the tokenizer as it is, set it false")
+    if not new:
+        return []
+    tokenizer.add_tokens(new)
+    if len(tokenizer) > lm.config.vocab_size:
+        lm.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    with torch.no_grad():
+        for table in (lm.get_input_embeddings().weight, lm.get_output_embeddings().weight):
+            for word in new:
+                table[tokenizer.convert_tokens_to_ids(word)] = table[pieces[word]].mean(0)
+    return new
 
 
 def load_vision(tower: torch.nn.Module, folder: Path) -> None:

@@ -35,6 +35,9 @@ class DataConfig:
     # Group-by-length batching (LLaVA): each epoch's order is cut into groups of this many samples, each
     # sorted by length, so short VQA rows are not padded to a caption's length. 0 = off.
     group_by_length: int = 0
+    # Answer words the tokenizer splits into 3+ pieces become tokens of their own (train/build.py:
+    # add_answer_tokens): for small tokenizers, like the demo's, fine-tuned on new words.
+    answer_tokens: bool = False
     on_error: str = "stop"  # a broken JSON entry: stop (with its name) or skip (one warning line, counted)
 
 
@@ -126,6 +129,8 @@ class TrainConfig:
         if self.data.group_by_length < 0 or (self.data.group_by_length and self.data.shards):
             raise ConfigError(f"data.group_by_length={self.data.group_by_length} must be >= 0 and groups data.json "
                               "conversations only (shards stream in order)")
+        if self.data.answer_tokens and not self.data.json:
+            raise ConfigError("data.answer_tokens reads the answers of data.json conversations: set data.json")
         if self.data.on_error not in ON_ERROR:
             raise ConfigError(f"data.on_error={self.data.on_error!r} must be one of {ON_ERROR}")
         if self.precision not in ("auto", "fp32", "bf16"):
