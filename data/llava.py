@@ -120,10 +120,6 @@ class LlavaDataset(Dataset):
     def __len__(self) -> int:
         return len(self.entries)
 
-    def text_lengths(self) -> list[int]:
-        """Return each entry's conversation length in characters (group-by-length batching reads it)."""
-        return [sum(len(turn["value"]) for turn in entry["conversations"]) for _, entry in self.entries]
-
     def __getitem__(self, index: int) -> dict | None:
         position, entry = self.entries[index]
         paths = entry_images(entry)

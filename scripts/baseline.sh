@@ -14,10 +14,8 @@ if [ ! -d "$out/sft/model" ]; then
     exit 2
 fi
 twin=(--set objective=autoregressive --set ar_warmup_steps=0 --set ar_loss_weight=0)
-rm -rf "$out/ar_align" "$out/ar_sft"
-mmdlm-train --config configs/train/demo_align.yaml "${twin[@]}" --set "model_overrides=[lm.attention=causal]" \
-    --set output_dir="$out/ar_align"
-mmdlm-train --config configs/train/demo_sft.yaml "${twin[@]}" --set init_from="$out/ar_align/model" \
+rm -rf "$out/ar_sft"
+mmdlm-train --config configs/train/demo_sft.yaml "${twin[@]}" --set "model_overrides=[lm.attention=causal]" \
     --set output_dir="$out/ar_sft"
 python infer/benchmark.py --model "$out/sft/model" --baseline "$out/ar_sft/model" --data "$out/world" \
     --limit "${LIMIT:-100}" --repeats 1 --threads 1 --plot "$out/frontier.png" | tee "$out/benchmark.md"

@@ -33,7 +33,7 @@ def test_tower_stage_learns_cells_and_its_tower_loads_into_the_next_stage(world,
     saved = load_file(str(out / "model" / "vision.safetensors"))
     assert saved and all(k.startswith("vision.") for k in saved)
 
-    cfg = load_config(TrainConfig, ROOT / "configs/train/demo_align.yaml",
+    cfg = load_config(TrainConfig, ROOT / "configs/train/demo_sft.yaml",
                       [f"init_vision_from={out / 'model'}", f"data.tokenizer={world / 'tokenizer'}"])
     _, model = build(cfg)
     for key, value in model.vision.state_dict().items():

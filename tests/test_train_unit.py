@@ -1,7 +1,6 @@
 """The training layer's parts in one process: configs, data order, schedule, optimizer groups, guard, files."""
 
 import json
-import random
 from pathlib import Path
 
 import pytest
@@ -11,9 +10,8 @@ from mmdlm.config import ConfigError, load_config
 from mmdlm.data.errors import DataError
 from mmdlm.model import DiffusionLM, DLMConfig
 from mmdlm.multimodal import MMDLM, build_model
-from mmdlm.train import build as build_mod
 from mmdlm.train import export as export_mod
-from mmdlm.train.build import add_answer_tokens, deepspeed_config, lr_lambda, param_groups
+from mmdlm.train.build import deepspeed_config, lr_lambda, param_groups
 from mmdlm.train.checkpoint import MARKER, TrainState, _prune, check_fresh_start, complete_checkpoints
 from mmdlm.train.config import TrainConfig
 from mmdlm.train.export import merge_lora, write_model_folder
@@ -21,7 +19,7 @@ from mmdlm.train.loader import ResumableBatchSampler, advance, start_position, t
 from mmdlm.train.metrics import MetricsLog, NonFiniteGuard, TrainingDiverged
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ["align", "pretrain", "sft", "finetune", "demo_align", "demo_sft", "demo_tower_caption"]
+STAGES = ["align", "pretrain", "sft", "finetune", "demo_sft", "demo_tower_caption"]
 
 
 def tiny_model() -> MMDLM:
@@ -71,63 +69,27 @@ def test_resume_on_another_world_size_sees_each_sample_of_the_epoch_once(before,
 
 
 @pytest.mark.parametrize("before, after", [(2, 1), (1, 3)])
-def test_group_by_length_batches_similar_rows_and_resumes_on_another_world_size(before, after):
+def test_group_by_file_batches_one_file_in_random_order_and_resumes_on_another_world_size(before, after):
     size, batch, seed, group = 96, 4, 7, 24
-    rng = random.Random(0)
-    lengths = [rng.choice([20, 25, 30, 80, 90]) for _ in range(size)]  # short VQA rows and long captions
+    sources = [0] * 72 + [1] * 24  # 3/4 short VQA rows (file 0), 1/4 long captions (file 1)
     plain = ResumableBatchSampler(size, batch, 0, 1, seed)
-    grouped = ResumableBatchSampler(size, batch, 0, 1, seed, lengths=lengths, group=group)
-    for epoch in (0, 1):  # the same samples per group of the epoch's permutation, each group longest first
+    grouped = ResumableBatchSampler(size, batch, 0, 1, seed, sources=sources, group=group)
+    for epoch in (0, 1):  # each group of the epoch's permutation: file 0's rows, then file 1's, each in their order
         order, base = grouped.order(epoch), plain.order(epoch)
         for k in range(0, size, group):
-            assert sorted(order[k : k + group]) == sorted(base[k : k + group])
-            assert [lengths[i] for i in order[k : k + group]] == sorted((lengths[i] for i in base[k : k + group]),
-                                                                         reverse=True)  # fmt: skip
-    waste = lambda sampler: sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b)  # noqa: E731
-                                for b in take(sampler, 24))  # fmt: skip
-    assert waste(grouped) < waste(plain) / 3  # padding to the longest row of each batch
+            assert order[k : k + group] == [i for f in (0, 1) for i in base[k : k + group] if sources[i] == f]
+    mixed = lambda sampler: sum(len({sources[i] for i in b}) > 1 for b in take(sampler, 24))  # noqa: E731
+    assert mixed(grouped) <= 4 < mixed(plain)  # at most the batch that straddles the two files, per group
     # Resume on another world size: epoch 0 is still one pass over the grouped order, no repeats.
     state = TrainState(batches_consumed=2, data_round=batch * before)
     epoch, offset = start_position(state, size, batch * after)
-    seen = [i for r in range(before) for b in take(ResumableBatchSampler(size, batch, r, before, seed, lengths=lengths,
-                                                                          group=group), 2) for i in b]  # fmt: skip
+    first = [ResumableBatchSampler(size, batch, r, before, seed, sources=sources, group=group) for r in range(before)]
+    seen = [i for sampler in first for b in take(sampler, 2) for i in b]
     rounds = (size - offset) // (batch * after)
-    resumed = [ResumableBatchSampler(size, batch, r, after, seed, epoch, offset, lengths, group) for r in range(after)]
+    resumed = [ResumableBatchSampler(size, batch, r, after, seed, epoch, offset, sources, group) for r in range(after)]
     seen += [i for sampler in resumed for b in take(sampler, rounds) for i in b]
     assert sorted(seen) == sorted(grouped.order(0)[: len(seen)]) and len(seen) == len(set(seen))
     assert size - len(seen) < batch * after
-
-
-def test_answer_tokens_make_long_answer_words_one_token_at_the_mean_of_their_pieces(tmp_path, monkeypatch):
-    from mmdlm.data.synthetic import synthesize
-    from mmdlm.data.tokenizer import load_tokenizer
-
-    tokenizer = load_tokenizer(synthesize(tmp_path / "w", 8, 2, 2, seed=1) / "tokenizer")
-    torch.manual_seed(0)
-    lm = DiffusionLM(DLMConfig(vocab_size=len(tokenizer) + 1, hidden_size=16, intermediate_size=32,
-                               num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2))  # fmt: skip
-    entries = [{"conversations": [{"from": "human", "value": "<image>\nq?"}, {"from": "gpt", "value": answer}]}
-               for answer in ("checkerboard", "red", "zigzag speckles", "checkerboard")]  # fmt: skip
-    pieces = {w: tokenizer.encode(w, add_special_tokens=False) for w in ("checkerboard", "zigzag", "speckles", "red")}
-    assert len(pieces["red"]) < 3 and min(len(pieces[w]) for w in ("checkerboard", "zigzag", "speckles")) >= 3
-    before_in, before_out = lm.embed_tokens.weight.detach().clone(), lm.lm_head.weight.detach().clone()
-    known = len(tokenizer)
-    added = add_answer_tokens(tokenizer, lm, [e["conversations"] for e in entries])
-    assert added == ["checkerboard", "speckles", "zigzag"]
-    assert lm.config.vocab_size == len(tokenizer) == len(before_in) + 2  # one spare row, then the table grew
-    for word in added:
-        (new,) = tokenizer.encode(word, add_special_tokens=False)
-        assert torch.allclose(lm.embed_tokens.weight[new], before_in[pieces[word]].mean(0))
-        assert torch.allclose(lm.lm_head.weight[new], before_out[pieces[word]].mean(0))
-    assert torch.equal(lm.embed_tokens.weight[:known], before_in[:known])  # the known tokens' rows are untouched
-    assert torch.equal(lm.lm_head.weight[:known], before_out[:known])
-    assert tokenizer.decode(tokenizer.encode("zigzag speckles", add_special_tokens=False)) == "zigzag speckles"
-    conversations = [e["conversations"] for e in entries]
-    assert add_answer_tokens(tokenizer, lm, conversations) == []  # a resumed run adds nothing twice
-    monkeypatch.setattr(build_mod, "MAX_ANSWER_TOKENS", 0)
-    entries[0]["conversations"][1]["value"] = "diagonal"
-    with pytest.raises(ConfigError, match="free-form answers"):
-        add_answer_tokens(tokenizer, lm, [e["conversations"] for e in entries])
 
 
 def test_schedule_warms_up_then_decays_to_the_floor():
@@ -142,7 +104,7 @@ def test_schedule_warms_up_then_decays_to_the_floor():
 def test_stage_configs_load_and_differ_only_in_data_and_modules(stage):
     cfg = load_config(TrainConfig, ROOT / f"configs/train/{stage}.yaml")
     cfg.validate()
-    expected = {"align": ["projector"], "demo_align": ["projector"], "pretrain": ["projector", "lm"],
+    expected = {"align": ["projector"], "demo_sft": ["projector", "lm"], "pretrain": ["projector", "lm"],
                 "sft": ["vision", "projector", "lm"], "finetune": ["vision", "projector", "lm"]}
     if stage in expected:
         assert cfg.trainable == expected[stage]
@@ -173,10 +135,9 @@ def test_bad_configs_are_named(tmp_path):
     for override, message in [("trainable=[decoder]", "unknown modules"), ("grad_accum=0", "grad_accum"),
                               ("deepspeed=nope.json", "nope.json"), ("data.shards=x.tar", "exactly one"),
                               ("optim.lr_multipliers={tower: 0.1}", "lr_multipliers"),
-                              ("model_overrides=[lm.attention=causal]", "init_from"),  # demo_sft starts from align
                               ("mask_schedule=cosine", "mask_schedule"), ("data.sft_padding=pad", "sft_padding"),
                               ("ar_warmup_steps=-1", "ar_warmup_steps"),
-                              ("data.group_by_length=-5", "group_by_length"),
+                              ("data.group_by_file=-5", "group_by_file"),
                               ("objective=autoregressive", "need objective=diffusion")]:  # demo_sft warms up with AR
         cfg = load_config(TrainConfig, ROOT / "configs/train/demo_sft.yaml", [override])
         with pytest.raises(ConfigError, match=message):

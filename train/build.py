@@ -22,8 +22,18 @@ from mmdlm.multimodal import MMDLM, ModelConfig, build_model
 from mmdlm.train.config import MODULES, TrainConfig
 
 
-def build(cfg: TrainConfig):
-    """Return (tokenizer, model in train mode): a saved folder when init_from is set, else the model YAML."""
+def read_conversations(cfg: TrainConfig) -> list[list[dict]]:
+    """Return the conversations of every data.json file (what `build` reads of the data), [] for shards."""
+    return [entry.get("conversations") or [] for path in cfg.data.json for entry in read_json_list(Path(path))
+            if isinstance(entry, dict)]  # fmt: skip
+
+
+def build(cfg: TrainConfig, conversations: list[list[dict]] | None = None):
+    """Return (tokenizer, model in train mode): a saved folder when init_from is set, else the model YAML.
+
+    With the training `conversations`, the model records where they put images (image_position)
+    and, with data.answer_tokens, the tokenizer gains their long answer words.
+    """
     has_own_tokenizer = cfg.init_from and (Path(cfg.init_from) / "tokenizer.json").is_file()
     tokenizer = load_tokenizer(cfg.init_from if has_own_tokenizer else cfg.data.tokenizer)
     ids = special_ids(tokenizer)
@@ -35,11 +45,9 @@ def build(cfg: TrainConfig):
                             image_token_id=ids.image, mask_token_id=ids.mask)
     if cfg.init_vision_from:
         load_vision(model.vision, Path(cfg.init_vision_from))
-    conversations = [entry.get("conversations") or [] for path in cfg.data.json for entry in read_json_list(Path(path))
-                     if isinstance(entry, dict)]  # fmt: skip
     if conversations:  # infer.py puts a question's image where this data does
         model.config.image_position = image_position_of(conversations)
-    added = add_answer_tokens(tokenizer, model.lm, conversations) if cfg.data.answer_tokens else []
+    added = add_answer_tokens(tokenizer, model.lm, conversations) if conversations and cfg.data.answer_tokens else []
     if len(tokenizer) > model.lm.config.vocab_size:
         raise ConfigError(f"tokenizer has {len(tokenizer)} tokens, the model only {model.lm.config.vocab_size}: "
                           "use the tokenizer the model was trained with (data.tokenizer)")

@@ -32,9 +32,10 @@ class DataConfig:
     # SFT padding after each answer: "eos" = LLaDA's EOS runs, attended and targets; "mask" = one EOS
     # target, then mask tokens that are attended but never targets (see data/collate.py).
     sft_padding: str = "eos"
-    # Group-by-length batching (LLaVA): each epoch's order is cut into groups of this many samples, each
-    # sorted by length, so short VQA rows are not padded to a caption's length. 0 = off.
-    group_by_length: int = 0
+    # Batches by data file: each epoch's order is cut into groups of this many samples, each ordered by
+    # file, so a batch mostly holds one file's rows (short VQA rows are not padded to a caption's
+    # length) in random order (train/loader.py). 0 = off.
+    group_by_file: int = 0
     # Answer words the tokenizer splits into 3+ pieces become tokens of their own (train/build.py:
     # add_answer_tokens): for small tokenizers, like the demo's, fine-tuned on new words.
     answer_tokens: bool = False
@@ -126,9 +127,9 @@ class TrainConfig:
             raise ConfigError("ar_warmup_steps / ar_loss_weight help a diffusion model: they need objective=diffusion")
         if bool(self.data.json) == bool(self.data.shards):
             raise ConfigError("set exactly one of data.json (conversations) or data.shards (documents)")
-        if self.data.group_by_length < 0 or (self.data.group_by_length and self.data.shards):
-            raise ConfigError(f"data.group_by_length={self.data.group_by_length} must be >= 0 and groups data.json "
-                              "conversations only (shards stream in order)")
+        if self.data.group_by_file < 0 or (self.data.group_by_file and self.data.shards):
+            raise ConfigError(f"data.group_by_file={self.data.group_by_file} must be >= 0 and groups data.json "
+                              "files only (shards stream in order)")
         if self.data.answer_tokens and not self.data.json:
             raise ConfigError("data.answer_tokens reads the answers of data.json conversations: set data.json")
         if self.data.on_error not in ON_ERROR:

@@ -35,27 +35,30 @@ class ResumableBatchSampler(Sampler[list[int]]):
     position is (epoch, offset): samples of the epoch's permutation already taken, so a run saved
     on one number of ranks resumes on another with no sample of the epoch seen twice or skipped.
 
-    With `lengths` and `group` > 0 (LLaVA's group-by-length), the permutation is cut into groups of
-    `group` samples, each sorted longest first: a micro-batch then holds rows of similar length and
-    pads little. The order depends on (seed, epoch, lengths, group), never on the world size, so
-    resuming on another number of ranks stays exact.
+    With `sources` (each sample's data file) and `group` > 0, the permutation is cut into groups of
+    `group` samples, each ordered by file with a stable sort: a micro-batch then mostly holds rows
+    of one file (short VQA rows are not padded to a caption's length, as LLaVA's modality grouping
+    keeps text-only rows apart), still in random order within it. Sorting by length instead made the
+    demo's batches hold one question type each, and the model stayed at chance. The order depends
+    on (seed, epoch, sources, group), never on the world size, so resuming on another number of
+    ranks stays exact.
     """
 
     def __init__(self, size: int, batch_size: int, rank: int, world: int, seed: int, epoch: int = 0, offset: int = 0,
-                 lengths: list[int] | None = None, group: int = 0):  # fmt: skip
+                 sources: list[int] | None = None, group: int = 0):  # fmt: skip
         self.size, self.batch_size, self.seed = size, batch_size, seed
         self.rank, self.world = rank, world
-        self.lengths, self.group = lengths, group
+        self.sources, self.group = sources, group
         self.epoch, self.offset = advance(size, batch_size * world, epoch, offset, 0)
 
     def order(self, epoch: int) -> list[int]:
         """Return epoch `epoch`'s order of the set's indices."""
         order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
-        if not (self.group and self.lengths):
+        if not (self.group and self.sources):
             return order
-        lengths = self.lengths
+        sources = self.sources
         chunks = [order[k : k + self.group] for k in range(0, self.size, self.group)]
-        return [i for chunk in chunks for i in sorted(chunk, key=lambda i: -lengths[i])]
+        return [i for chunk in chunks for i in sorted(chunk, key=lambda i: sources[i])]
 
     def __iter__(self) -> Iterator[list[int]]:
         epoch, offset, round_ = self.epoch, self.offset, self.batch_size * self.world
@@ -124,16 +127,6 @@ class Forever(IterableDataset):
                 yield sample
 
 
-def text_lengths(dataset) -> list[int]:
-    """Return each sample's text length in characters (a proxy for its tokens), through Subset / ConcatDataset."""
-    if isinstance(dataset, Subset):
-        lengths = text_lengths(dataset.dataset)
-        return [lengths[i] for i in dataset.indices]
-    if isinstance(dataset, ConcatDataset):
-        return [n for part in dataset.datasets for n in text_lengths(part)]
-    return dataset.text_lengths()
-
-
 def take_fractions(sets: list, fractions: list[float], seed: int) -> list:
     """Return each set cut to a seeded random subset of its `data.fractions` entry (mixing ratios; [] = all)."""
     out = []
@@ -164,9 +157,9 @@ def build_loader(cfg: TrainConfig, collator: Collator, rank: int, world: int, st
         dataset = ConcatDataset(sets) if len(sets) > 1 else sets[0]
         round_ = cfg.micro_batch_size * world
         epoch, offset = start_position(state, len(dataset), round_)
-        lengths = text_lengths(dataset) if cfg.data.group_by_length else None
+        sources = [k for k, part in enumerate(sets) for _ in range(len(part))] if cfg.data.group_by_file else None
         sampler = ResumableBatchSampler(len(dataset), cfg.micro_batch_size, rank, world, cfg.seed, epoch, offset,
-                                        lengths, cfg.data.group_by_length)  # fmt: skip
+                                        sources, cfg.data.group_by_file)  # fmt: skip
         state.data_epoch, state.data_offset = sampler.epoch, sampler.offset
         state.data_batches_at_start, state.data_round = state.batches_consumed, round_
         return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.data.num_workers)

@@ -28,7 +28,7 @@ from mmdlm.diffusion import masked_diffusion_loss, next_token_loss
 from mmdlm.errors import report_user_errors
 from mmdlm.multimodal import MMDLM
 from mmdlm.train import checkpoint
-from mmdlm.train.build import build, deepspeed_config, make_optimizer
+from mmdlm.train.build import build, deepspeed_config, make_optimizer, read_conversations
 from mmdlm.train.config import TrainConfig
 from mmdlm.train.export import export
 from mmdlm.train.loader import build_loader
@@ -120,7 +120,7 @@ def train(cfg: TrainConfig, resume: bool) -> Path:
     if not resume:
         checkpoint.check_fresh_start(ckpt_dir)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    tokenizer, model = build(cfg)
+    tokenizer, model = build(cfg, read_conversations(cfg))
     mask_id = special_ids(tokenizer).mask
     optimizer, scheduler = make_optimizer(model, cfg)
     ds_config = deepspeed_config(cfg, world)
