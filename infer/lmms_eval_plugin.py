@@ -9,14 +9,20 @@ pyproject.toml), which returns its manifest; no fork of lmms-eval. Requests are 
 infer.py answers them (same chat prompt, images, sampler): `generate_until` runs the batched
 sampler with the task's `max_new_tokens` as the canvas length and cuts the text at the task's
 `until` strings; `loglikelihood` is the Monte-Carlo estimate of the masked-diffusion bound
-(infer/likelihood.py). Without lmms-eval installed the class still answers request objects that
-carry lmms-eval's `args` tuples (the unit tests use that); it is then not registered anywhere.
+(infer/likelihood.py) of the reply: by default the continuation as the model's whole answer, i.e.
+the generation canvas (continuation, end of turn, EOS padding to gen_length), every position of
+it masked and scored; `scored=continuation` scores the continuation's tokens alone, right after
+the prompt (LLaDA's base-model evaluation). A chat model never saw an answer with nothing after
+it: on the fitted tiny model of the tests, the continuation alone put "2" above the fitted
+"red", the reply ranked every fitted answer first. Without lmms-eval installed the class still
+answers request objects that carry lmms-eval's `args` tuples (the unit tests use that); it is
+then not registered anywhere.
 
 model_args: pretrained (the folder), device, dtype (float32 | bfloat16 | float16; default: as
 saved), batch_size, gen_length (when the task sets no max_new_tokens), block_length, steps,
 threshold (0: LLaDA's fixed steps), cache (auto | none | prefix | block), confidence,
-mc_draws / mc_batch_size / seed (the likelihood estimate). A task's generation_kwargs may set
-block_length, steps and threshold too; they win over model_args.
+mc_draws / mc_batch_size / seed / scored (the likelihood estimate). A task's generation_kwargs
+may set block_length, steps and threshold too; they win over model_args.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ try:
 except ImportError:  # lmms-eval absent: the class still answers requests, unregistered
     _LmmsBase = object
 
+SCORED = ("reply", "continuation")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -56,8 +63,11 @@ class MMDLMEval(_LmmsBase):
                  batch_size: int | str = 8, max_batch_size: int | None = None, gen_length: int = 16,
                  block_length: int | None = None, steps: int | None = None, threshold: float = 0.9,
                  cache: str = "auto", confidence: str = "probability", mc_draws: int = 64,
-                 mc_batch_size: int = 32, seed: int = 0):  # fmt: skip
+                 mc_batch_size: int = 32, seed: int = 0, scored: str = "reply"):  # fmt: skip
         super().__init__()
+        if scored not in SCORED:
+            raise UserError(f"model_args scored={scored!r}: use one of {SCORED}")
+        self.scored = scored
         self.task_dict = getattr(self, "task_dict", {})  # lmms-eval's evaluator fills it: task -> split -> docs
         if dtype is not None and dtype not in DTYPES:
             raise UserError(f"model_args dtype={dtype!r}: use one of {sorted(DTYPES)}")
@@ -146,6 +156,9 @@ class MMDLMEval(_LmmsBase):
             # The assistant turn starts right after the chat header, as every training answer does: a
             # word-boundary space that harnesses put before a continuation has no place there.
             answer = answerer.chat.text_ids(str(target).lstrip())
+            if self.scored == "reply":  # the whole canvas the sampler would fill: end of turn, EOS padding
+                answer += [answerer.special.eot]
+                answer += [answerer.special.eos] * (self.defaults["gen_length"] - len(answer))
             if len(prompt) + len(answer) > answerer.context:
                 raise InferError(f"loglikelihood: prompt ({len(prompt)} tokens, images included) + continuation "
                                  f"({len(answer)}) is over the model's context of {answerer.context}")

@@ -42,21 +42,24 @@ def make_folder(folder: Path, fit_steps: int) -> Path:
     model = build_model(dict(vision=VISION, lm=LM), vocab_size=len(tokenizer), image_token_id=special.image,
                         mask_token_id=special.mask)  # fmt: skip
     answerer = Answerer(model.eval(), tokenizer)
-    image = Image.effect_noise((32, 32), 50).convert("RGB")
-    rows = []
-    for question, answer in FACTS.items():  # the SFT layout: answer, end of turn, EOS padding of the canvas
-        prompt = answerer.prompt_ids([{"from": "human", "value": question}], [image])
+    rows = []  # (prefix embeddings, canvas) in the SFT layout: answer, end of turn, EOS padding of the canvas
+    for question, answer in FACTS.items():
         canvas = answerer.chat.text_ids(answer) + [special.eot]
-        canvas += [special.eos] * (16 - len(canvas))
-        rows.append((answerer.prefix([prompt], [[image]])[0], torch.tensor([canvas])))
-    optimizer = torch.optim.Adam(model.lm.parameters(), lr=1e-2)
+        canvas = torch.tensor([canvas + [special.eos] * (16 - len(canvas))])
+        for colour in ((0, 0, 0), (250, 250, 250), (200, 30, 90)):  # the answer depends on the question alone
+            image = Image.new("RGB", (32, 32), colour)
+            prompt = answerer.prompt_ids([{"from": "human", "value": question}], [image])
+            rows.append((answerer.prefix([prompt], [[image]])[0], canvas))
+    optimizer = torch.optim.Adam(model.lm.parameters(), lr=3e-3)
     generator = torch.Generator().manual_seed(0)
-    for _ in range(fit_steps):
+    for step in range(fit_steps):
         optimizer.zero_grad()
-        for prefix, canvas in rows:
+        for prefix, canvas in rows[step % 3 :: 3]:  # each fact, with one of its images
+
             def logits_fn(noisy, prefix=prefix):
                 embeds = torch.cat([prefix, model.lm.get_input_embeddings()(noisy)], dim=1)
                 return model.lm(inputs_embeds=embeds, logits_from=prefix.shape[1])
+
             masked_diffusion_loss(logits_fn, canvas, torch.ones_like(canvas, dtype=torch.bool), special.mask,
                                   generator=generator, schedule="count").loss.backward()  # fmt: skip
         optimizer.step()
@@ -71,7 +74,7 @@ def random_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def fitted_dir(tmp_path_factory):
-    return make_folder(tmp_path_factory.mktemp("fitted"), fit_steps=120)
+    return make_folder(tmp_path_factory.mktemp("fitted"), fit_steps=600)
 
 
 def prefix_of(answerer: Answerer, question: str, image: Image.Image | None = None) -> torch.Tensor:
