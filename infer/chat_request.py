@@ -155,7 +155,8 @@ def request_config(body: dict, answerer: Answerer, max_tokens: int) -> SamplerCo
     try:
         return sampler_config(options, "caption", answerer)
     except InferError as error:
-        raise RequestError(str(error).replace("sampling options: ", "sampler options: ")) from error
+        message = str(error).replace("sampling options: ", "sampler options: ").replace("gen_length", "max_tokens")
+        raise RequestError(message) from error
 
 
 def parse_chat(body: object, answerer: Answerer, rules: ImageRules, max_tokens: int) -> ChatRequest:

@@ -108,7 +108,7 @@ def start_server(model: str, batch_size: int, threads: int | None, wait: float =
     port = free_port()
     command = [sys.executable, "-m", "mmdlm.infer.serve", "--model", model, "--port", str(port),
                "--max-batch-size", str(batch_size)] + (["--threads", str(threads)] if threads else [])  # fmt: skip
-    process = subprocess.Popen(command)
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL)  # its errors still reach stderr
     url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + wait
     while time.monotonic() < deadline:
         if process.poll() is not None:

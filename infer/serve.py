@@ -21,6 +21,11 @@ import uuid
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+
 from mmdlm.errors import UserError, report_user_errors
 from mmdlm.infer.batching import Batcher, Reply
 from mmdlm.infer.chat_request import ImageRules, RequestError, parse_chat
@@ -67,10 +72,6 @@ def completion(reply: Reply, request_id: str, model: str, created: int) -> dict:
 def create_app(answerer: Answerer, batcher: Batcher, model_name: str, rules: ImageRules, max_tokens: int = 64,
                max_request_bytes: int = 16 << 20):  # fmt: skip
     """Return the FastAPI app; it starts `batcher` when it starts and closes it when it stops."""
-    from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse, StreamingResponse
-    from starlette.concurrency import run_in_threadpool
-    from starlette.exceptions import HTTPException
 
     @asynccontextmanager
     async def lifespan(app):

@@ -43,7 +43,7 @@ def answer(answerer: Answerer, batcher: Batcher, image, question: str, options: 
     return result.text, stats, str(gif), order_text(result.pieces, result.commit_step)
 
 
-def build_demo(answerer: Answerer, batcher: Batcher, frames: Path):
+def build_demo(answerer: Answerer, batcher: Batcher, frames: Path, max_tokens: int = 64):
     """Return the Gradio Blocks of the page."""
     import gradio as gr
 
@@ -67,14 +67,15 @@ def build_demo(answerer: Answerer, batcher: Batcher, frames: Path):
                 threshold = gr.Slider(0, 1, value=0.9, step=0.05, elem_id="threshold",
                                       label="threshold: commit every token at least this sure (0: one per forward)")
                 cache = gr.Radio(list(CACHES), value="auto", label="KV cache", elem_id="cache")
-                max_tokens = gr.Slider(8, 128, value=64, step=8, label="answer canvas (tokens)", elem_id="max_tokens")
+                canvas = gr.Slider(8, 128, value=max_tokens, step=8, label="answer canvas (tokens)",
+                                   elem_id="max_tokens")
             with gr.Column():
                 text = gr.Textbox(label="Answer", elem_id="answer", interactive=False)
                 stats = gr.Markdown(elem_id="stats")
                 steps = gr.Image(label="Unmasking order, one frame per forward", type="filepath", elem_id="steps",
                                  interactive=False)  # fmt: skip
                 order = gr.Textbox(label="Tokens committed by each forward", lines=8, elem_id="order")
-        knobs = [threshold, cache, max_tokens]
+        knobs = [threshold, cache, canvas]
         outputs = [text, stats, steps, order]
         ask.click(respond, [image, question, *knobs], outputs)
         question.submit(respond, [image, question, *knobs], outputs)
@@ -88,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 opens it to the network)")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--max-batch-size", type=int, default=8, help="visitors' requests decoded together at most")
+    p.add_argument("--max-tokens", type=int, default=64, help="the answer canvas the page starts with")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     return p
 
@@ -101,7 +103,7 @@ def launch(args: argparse.Namespace, block: bool = True):
     answerer = Answerer(*load_model(args.model, device))
     batcher = Batcher(answerer, args.max_batch_size).start()
     frames = Path(tempfile.mkdtemp(prefix="mmdlm-web-"))
-    demo = build_demo(answerer, batcher, frames)
+    demo = build_demo(answerer, batcher, frames, args.max_tokens)
     demo.queue(default_concurrency_limit=args.max_batch_size)
     _, url, _ = demo.launch(server_name=args.host, server_port=args.port, prevent_thread_lock=not block,
                             allowed_paths=[str(frames)], quiet=not block)  # fmt: skip

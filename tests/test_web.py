@@ -35,11 +35,12 @@ def test_the_page_answers_an_uploaded_image(tmp_path, chromium):
     Image.effect_noise((48, 40), 50).convert("RGB").save(image_path)
     answerer = Answerer(*load_model(folder))
     question = "what colour is the circle?"
-    config = request_config({"threshold": 0.9, "cache": "auto", "max_tokens": 64}, answerer, 64)
+    config = request_config({"threshold": 0.9, "cache": "auto", "max_tokens": 32}, answerer, 32)
     expected = answerer.answer([[{"from": "user", "value": "<image>\n" + question}]],
                                [[Image.open(image_path).convert("RGB")]], config)[0]  # fmt: skip
 
-    args = argparse.Namespace(model=str(folder), host="127.0.0.1", port=free_port(), max_batch_size=4, device="cpu")
+    args = argparse.Namespace(model=str(folder), host="127.0.0.1", port=free_port(), max_batch_size=4, device="cpu",
+                              max_tokens=32)  # the tiny model's context is 96
     demo, batcher, url = launch(args, block=False)
     try:
         with playwright.sync_playwright() as p:
