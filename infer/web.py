@@ -32,7 +32,8 @@ def answer(answerer: Answerer, batcher: Batcher, image, question: str, options: 
         raise UserError("type a question, or press Caption")
     image = image.convert("RGB")
     config = request_config(options, answerer, options["max_tokens"])
-    prompt = answerer.prompt_ids([{"from": "user", "value": "<image>\n" + question.strip()}], [image])
+    # The image goes where the model's training data put it (its config's image_position).
+    prompt = answerer.prompt_ids([{"from": "user", "value": question.strip()}], [image])
     answerer.check_length(prompt, config.gen_length, option="the canvas length")
     reply = batcher.submit(prompt, [image], config).result()
     result = reply.answer
