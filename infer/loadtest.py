@@ -8,7 +8,7 @@ free 127.0.0.1 port), sends each the same bounded list of requests from --client
 clients, stops it, and prints one table row per server with the speedup over the first row.
 With --url it measures a server already running; only loopback addresses are accepted. The
 requests are the questions of a LLaVA file (--input; default: 16 freshly drawn demo-world
-scenes), every fourth one a caption; each client gives up on a request after --timeout seconds.
+scenes), every --caption-every-th one a caption; each client gives up on a request after --timeout s.
 """
 
 from __future__ import annotations
@@ -43,8 +43,10 @@ def loopback(url: str) -> str:
     return url.rstrip("/")
 
 
-def request_bodies(input_file: str | None, count: int, max_tokens: int, threshold: float) -> list[dict]:
-    """Return `count` chat requests cycling through the questions of a LLaVA file (its images as data URLs)."""
+def request_bodies(input_file: str | None, count: int, max_tokens: int, threshold: float,
+                   caption_every: int = 4) -> list[dict]:  # fmt: skip
+    """Return `count` chat requests cycling through the questions of a LLaVA file (its images as data URLs),
+    every `caption_every`-th a caption request instead (0: none)."""
     if input_file is None:
         folder = Path(tempfile.mkdtemp(prefix="mmdlm-loadtest-"))
         synthesize_split(folder, "test", 16, seed=0, options=WorldOptions())
@@ -55,9 +57,13 @@ def request_bodies(input_file: str | None, count: int, max_tokens: int, threshol
     bodies = []
     for k in range(count):
         entry = entries[k % len(entries)]
-        question = CAPTION_PROMPT if k % 4 == 3 else entry["turns"][-1]["value"].replace("<image>", "").strip()
+        asked = entry["turns"][-1]["value"]
+        caption = caption_every and k % caption_every == caption_every - 1
+        question = CAPTION_PROMPT if caption else asked.replace("<image>", "").strip()
         url = "data:image/png;base64," + base64.b64encode(Path(entry["images"][0]).read_bytes()).decode()
-        content = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": question}]
+        content = [{"type": "text", "text": question}, {"type": "image_url", "image_url": {"url": url}}]
+        if not asked.strip().endswith("<image>"):  # the image where the file puts it (LLaVA: before the text)
+            content.reverse()
         bodies.append({"model": "mmdlm", "messages": [{"role": "user", "content": content}],
                        "max_tokens": max_tokens, "threshold": threshold})  # fmt: skip
     return bodies
@@ -106,9 +112,10 @@ def start_server(model: str, batch_size: int, threads: int | None, wait: float =
     import httpx
 
     port = free_port()
-    command = [sys.executable, "-m", "mmdlm.infer.serve", "--model", model, "--port", str(port),
+    command = [sys.executable, "-m", "mmdlm.infer.serve", "--model", str(Path(model).resolve()), "--port", str(port),
                "--max-batch-size", str(batch_size)] + (["--threads", str(threads)] if threads else [])  # fmt: skip
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL)  # its errors still reach stderr
+    # Started outside the checkout, so the installed package is imported; its errors still reach stderr.
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, cwd=tempfile.gettempdir())
     url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + wait
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -141,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clients", type=int, default=32, help="concurrent clients (at most 256)")
     p.add_argument("--requests", type=int, default=128, help="requests per server (at most 4096)")
     p.add_argument("--input", help="LLaVA JSON whose questions and images to send (default: 16 demo-world scenes)")
+    p.add_argument("--caption-every", type=int, default=4, help="every N-th request asks for a caption (0: none)")
     p.add_argument("--max-tokens", type=int, default=32, help="answer canvas of every request")
     p.add_argument("--threshold", type=float, default=0.9)
     p.add_argument("--threads", type=int, help="torch threads of each started server")
@@ -151,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     if not 1 <= args.clients <= 256 or not 1 <= args.requests <= 4096:
         raise InferError("--clients must be in [1, 256] and --requests in [1, 4096]: the load test is bounded")
-    bodies = request_bodies(args.input, args.requests, args.max_tokens, args.threshold)
+    bodies = request_bodies(args.input, args.requests, args.max_tokens, args.threshold, args.caption_every)
     warmup = bodies[: min(4, len(bodies))]
     rows = []
     targets = [(None, loopback(args.url))] if args.url else [(b, None) for b in args.batch_sizes]

@@ -38,7 +38,7 @@ def answer(answerer: Answerer, batcher: Batcher, image, question: str, options: 
     reply = batcher.submit(prompt, [image], config).result()
     result = reply.answer
     gif = save_steps(frames / f"{uuid.uuid4().hex}.gif", result.pieces, result.commit_step)
-    stats = (f"**{result.forward_passes}** forwards for {result.length} answer tokens "
+    stats = (f"**{result.forward_passes}** forward(s) for {result.length} answer tokens "
              f"(**{result.tokens_per_forward:.2f}** tokens per forward), canvas {len(result.pieces)}, "
              f"decoded in a batch of {reply.batch_size}")  # fmt: skip
     return result.text, stats, str(gif), order_text(result.pieces, result.commit_step)
@@ -74,7 +74,7 @@ def build_demo(answerer: Answerer, batcher: Batcher, frames: Path, max_tokens: i
                 text = gr.Textbox(label="Answer", elem_id="answer", interactive=False)
                 stats = gr.Markdown(elem_id="stats")
                 steps = gr.Image(label="Unmasking order, one frame per forward", type="filepath", elem_id="steps",
-                                 interactive=False)  # fmt: skip
+                                 interactive=False, height=120)  # fmt: skip
                 order = gr.Textbox(label="Tokens committed by each forward", lines=8, elem_id="order")
         knobs = [threshold, cache, canvas]
         outputs = [text, stats, steps, order]

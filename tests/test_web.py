@@ -51,10 +51,10 @@ def test_the_page_answers_an_uploaded_image(tmp_path, chromium):
             page.wait_for_selector("#image img", timeout=30_000)  # uploaded and shown
             page.fill("#question textarea", question)
             page.click("#ask")
-            page.wait_for_function("document.querySelector('#stats').innerText.includes('forwards')", timeout=60_000)
+            page.wait_for_function("document.querySelector('#stats').innerText.includes('forward(s)')", timeout=60_000)
             assert page.input_value("#answer textarea") == expected.text
             stats = page.inner_text("#stats")
-            assert f"{expected.forward_passes} forwards for {expected.length} answer tokens" in stats
+            assert f"{expected.forward_passes} forward(s) for {expected.length} answer tokens" in stats
             assert page.get_attribute("#steps img", "src").split("?")[0].endswith(".gif")  # the animation
             assert "forward   1:" in page.input_value("#order textarea")
             page.screenshot(path=tmp_path / "web.png", full_page=True)
