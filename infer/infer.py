@@ -45,23 +45,34 @@ class InferError(UserError):
     """A request that cannot be answered; the message names the file or option and the fix."""
 
 
-def load_image(path: str | Path, where: str = "") -> Image.Image:
+def load_image(path: str | Path, where: str = "", max_pixels: int | None = None) -> Image.Image:
     """Return the image at `path` as RGB, or InferError saying what is wrong with the file."""
     path = Path(path)
     if not path.is_file():
         raise InferError(f"{where}image not found: {path}")
     if path.stat().st_size == 0:
         raise InferError(f"{where}image file is empty: {path}")
+    return read_image(path, f"{where}{path}", max_pixels)
+
+
+def read_image(source, name: str, max_pixels: int | None = None) -> Image.Image:
+    """Return the image in `source` (a path or a file object) as RGB, or InferError naming it as `name`.
+
+    `max_pixels` refuses larger images before they are decoded (Pillow's own limit is ~179 million).
+    """
     try:
-        with Image.open(path) as image:
+        with Image.open(source) as image:
+            if max_pixels is not None and image.width * image.height > max_pixels:
+                raise InferError(f"{name} is {image.width}x{image.height} pixels, over the limit of {max_pixels}: "
+                                 "downscale it first")  # fmt: skip
             image.load()  # decodes now, so a truncated file fails here and not in the model
             return image.convert("RGB")
     except Image.DecompressionBombError as error:
-        raise InferError(f"{where}{path} is too large to decode safely ({error}); downscale it first") from error
+        raise InferError(f"{name} is too large to decode safely ({error}); downscale it first") from error
     except Image.UnidentifiedImageError as error:
-        raise InferError(f"{where}{path} is not an image Pillow can read (PNG, JPEG, ...)") from error
+        raise InferError(f"{name} is not an image Pillow can read (PNG, JPEG, ...)") from error
     except (OSError, ValueError, SyntaxError) as error:
-        raise InferError(f"{where}{path} is truncated or corrupt ({error})") from error
+        raise InferError(f"{name} is truncated or corrupt ({error})") from error
 
 
 def load_model(path: str | Path, device: str = "cpu"):
@@ -130,6 +141,7 @@ class Answer:
     commit_step: list[int]  # the forward that committed each position (0 given, -1 dropped)
     forward_passes: int
     tokens_per_forward: float
+    length: int = 0  # answer tokens before the first stop token (the canvas length if none was committed)
 
 
 class Answerer:
@@ -172,15 +184,23 @@ class Answerer:
         sizes = torch.tensor([image.size for row in images for image in row]).reshape(-1, 2)  # [N_images, 2] (w, h)
         return self.model.embed(ids.to(self.device), pixels, image_sizes=sizes), mask.to(self.device)
 
+    def check_length(self, prompt: list[int], gen_length: int, option: str = "--gen-length") -> None:
+        """Raise InferError when the prompt and the answer canvas do not fit the model's context."""
+        if len(prompt) + gen_length > self.context:
+            raise InferError(
+                f"the prompt is {len(prompt)} tokens (images included) + {gen_length} to generate, over the "
+                f"model's context of {self.context}: shorten the question or lower {option}"
+            )
+
     def answer(self, turns: list[list[dict]], images: list[list[Image.Image]], config: SamplerConfig, canvas=None):
         """Return one Answer per request (turns and images of each)."""
         prompts = [self.prompt_ids(t, i) for t, i in zip(turns, images)]
-        longest = max(len(p) for p in prompts)
-        if longest + config.gen_length > self.context:
-            raise InferError(
-                f"the prompt is {longest} tokens (images included) + {config.gen_length} to generate, over the "
-                f"model's context of {self.context}: shorten the question or lower --gen-length"
-            )
+        self.check_length(max(prompts, key=len), config.gen_length)
+        return self.answer_prompts(prompts, images, config, canvas)
+
+    def answer_prompts(self, prompts: list[list[int]], images: list[list[Image.Image]], config: SamplerConfig,
+                       canvas=None, on_forward=None) -> list[Answer]:  # fmt: skip
+        """Return one Answer per prompt (from prompt_ids); `on_forward` goes to the sampler (diffusion only)."""
         embeds, mask = self.prefix(prompts, images)
         if self.autoregressive:  # the AR twin: left to right, one token per forward
             if canvas is not None:
@@ -188,16 +208,16 @@ class Answerer:
             out = generate_autoregressive(self.model.lm, prefix_embeds=embeds, attention_mask=mask, config=config)
         else:
             out = generate(self.model.lm, prefix_embeds=embeds, attention_mask=mask, mask_id=self.special.mask,
-                           config=config, canvas=None if canvas is None else canvas.to(self.device))  # fmt: skip
-        answers = []
-        for row in range(len(prompts)):
-            tokens, steps = out.tokens[row].tolist(), out.commit_step[row].tolist()
-            text = self.decode(tokens[: int(out.lengths[row])])
-            pieces = [self.tokenizer.decode([t]) for t in tokens]
-            committed = sum(s > 0 for s in steps)
-            forwards = int(out.row_forwards[row])
-            answers.append(Answer(text, pieces, steps, forwards, committed / max(forwards, 1)))
-        return answers
+                           config=config, canvas=None if canvas is None else canvas.to(self.device),
+                           on_forward=on_forward)  # fmt: skip
+        return [self.make_answer(out.tokens[row].tolist(), out.commit_step[row].tolist(), int(out.lengths[row]),
+                                 int(out.row_forwards[row])) for row in range(len(prompts))]  # fmt: skip
+
+    def make_answer(self, tokens: list[int], steps: list[int], length: int, forwards: int) -> Answer:
+        """Return the Answer of one row: its canvas tokens, commit steps, answer length and forwards taken."""
+        pieces = [self.tokenizer.decode([t]) for t in tokens]
+        committed = sum(s > 0 for s in steps)
+        return Answer(self.decode(tokens[:length]), pieces, steps, forwards, committed / max(forwards, 1), length)
 
     def decode(self, answer: list[int]) -> str:
         """Return the text of an answer's tokens (up to its stop token), special tokens removed."""

@@ -216,11 +216,14 @@ def generate(
     prefix_embeds: torch.Tensor | None = None,
     attention_mask: torch.Tensor | None = None,
     canvas: torch.Tensor | None = None,
+    on_forward=None,
 ) -> SampleOutput:
     """Return the generated canvas [B, gen_length] after `prefix_ids [B, P]` or `prefix_embeds [B, P, D]`.
 
     attention_mask [B, P] marks real prefix tokens (False = left padding). `canvas` [B or 1,
     gen_length] is a template: its mask ids are holes to fill, every other token stays fixed.
+    `on_forward(row index [n], canvas [n, G], commit_step [n, G])`, if given, sees after every forward the rows
+    that took part in it (read-only views; committed tokens never change): a server streams answers from it.
     """
     config.validate()
     if (prefix_ids is None) == (prefix_embeds is None):
@@ -314,6 +317,8 @@ def generate(
             region[commit] = x0[commit]
             rows.step[:, first:hi][commit] = forward_passes
             i += 1
+            if on_forward is not None:
+                on_forward(rows.index, rows.x[:, P:], rows.step[:, P:])
             if config.early_stop:
                 done = stopped(rows.x[:, P:], mask_id, stop_ids)[0]
                 if done.any():
