@@ -26,6 +26,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
 from PIL import Image
@@ -34,7 +35,8 @@ from transformers import PreTrainedTokenizerFast
 from mmdlm.data.errors import DataError, DataWarning
 from mmdlm.data.template import ChatEncoder, expand_image_runs
 
-SFT_PADDINGS = ("eos", "mask")
+SftPadding = Literal["eos", "mask"]
+SFT_PADDINGS = get_args(SftPadding)
 
 
 @dataclass
@@ -52,10 +54,10 @@ class Collator:
         image_transform: Callable[[Image.Image], torch.Tensor],
         num_image_tokens: int | Callable[[tuple[int, int]], int],
         max_length: int,
-        mode: str = "sft",
+        mode: Literal["sft", "pretrain"] = "sft",
         pad_to_multiple_of: int | None = None,
         empty_image_size: int = 64,
-        sft_padding: str = "eos",
+        sft_padding: SftPadding = "eos",
     ):
         if mode not in ("sft", "pretrain"):
             raise ValueError(f"mode must be 'sft' or 'pretrain', got {mode!r}")
