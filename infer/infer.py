@@ -263,14 +263,12 @@ def sampler_config(args: argparse.Namespace, task: str, answerer: Answerer) -> S
     if args.gen_length is not None and args.steps is None:
         options["steps"] = args.gen_length
     cache = ("prefix" if answerer.prefix_dlm else "none") if args.cache == "auto" else args.cache
-    prefix_dlm = answerer.prefix_dlm or cache == "prefix"
     special = answerer.special
     options.update(suppress_ids=tuple(answerer.sampler_defaults.get("suppress_ids", ())),
                    float64_confidence=bool(answerer.sampler_defaults.get("float64_confidence", False)))
-    config = SamplerConfig(
-        **options, confidence=args.confidence, temperature=args.temperature, cache=cache, prefix_dlm=prefix_dlm,
-        early_stop=not args.no_early_stop, eos_id=special.eos, stop_ids=(special.eot,),
-    )  # fmt: skip
+    config = SamplerConfig(**options, confidence=args.confidence, temperature=args.temperature,
+                           prefix_dlm=answerer.prefix_dlm, early_stop=not args.no_early_stop, eos_id=special.eos,
+                           stop_ids=(special.eot,)).with_cache(cache)
     try:
         config.validate()
     except ValueError as error:

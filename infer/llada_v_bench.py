@@ -33,14 +33,14 @@ def llada_v_ladder(base: SamplerConfig, tau: float) -> list[tuple[str, bool, Sam
     """Return (name, exact, config): LLaDA-V's sampler, then early stop, threshold and prefix cache added."""
     stop = replace(base, early_stop=True)
     fast = replace(base, threshold=tau)
-    cached = replace(fast, cache="prefix", prefix_dlm=True)
+    cached = fast.with_cache("prefix")
     return [
         ("LLaDA-V generate (1 token/step, no cache)", True, base),
         ("+ early stop", True, stop),
         (f"+ threshold {tau}", False, fast),
         (f"+ threshold {tau} + prefix cache (prefix-DLM)", False, cached),
         (f"+ threshold {tau} + prefix cache + early stop", False, replace(cached, early_stop=True)),
-        (f"+ threshold {tau} + block cache + early stop", False, replace(fast, cache="block", early_stop=True)),
+        (f"+ threshold {tau} + block cache + early stop", False, replace(fast, early_stop=True).with_cache("block")),
     ]
 
 
