@@ -12,7 +12,6 @@ and `image_sizes` [N, 2] (width, height) says which views belong to which image.
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import json
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,7 @@ from mmdlm.config import ConfigError, from_dict, load_yaml
 from mmdlm.encoders.processor import anyres_grid, image_transform
 from mmdlm.encoders.projector import Projector, ProjectorConfig
 from mmdlm.encoders.tower import VisionConfig, VisionTower
-from mmdlm.model import DiffusionLM, DLMConfig
+from mmdlm.model import DiffusionLM, DLMConfig, LMConfig
 
 
 class MMDLMConfig(PretrainedConfig):
@@ -77,9 +76,6 @@ class MMDLM(PreTrainedModel):
             # A frozen tower must stay frozen whole: BatchNorm statistics and dropout included.
             self.vision.eval()
         return self
-
-    def set_activation_checkpointing(self, enable: bool = True) -> None:
-        self.lm.set_activation_checkpointing(enable)
 
     def image_transform(self):
         """Return the tower's preprocessing: PIL image -> FloatTensor [3, H, W]."""
@@ -219,13 +215,11 @@ class ModelConfig:
 
     vision: VisionConfig = dataclasses.field(default_factory=VisionConfig)
     projector: ProjectorConfig = dataclasses.field(default_factory=ProjectorConfig)
-    lm: dict[str, Any] = dataclasses.field(default_factory=dict)  # DLMConfig fields
+    lm: LMConfig = dataclasses.field(default_factory=LMConfig)
     lm_path: str | None = None  # a converted LLaDA folder (mmdlm-convert-llada) or any DiffusionLM folder
 
 
-# DLMConfig's own arguments and the token ids transformers keeps as generic config attributes.
-LM_KEYS = frozenset(inspect.signature(DLMConfig.__init__).parameters) - {"self", "kwargs"} | {
-    "eos_token_id", "pad_token_id", "bos_token_id"}
+LM_KEYS = frozenset(f.name for f in dataclasses.fields(LMConfig))
 
 
 def build_model(spec: str | Path | dict | ModelConfig, vocab_size: int | None = None,
@@ -238,9 +232,6 @@ def build_model(spec: str | Path | dict | ModelConfig, vocab_size: int | None = 
     where = str(spec)[:80] if isinstance(spec, (str, Path)) else "model config"
     if not isinstance(spec, ModelConfig):
         spec = from_dict(ModelConfig, spec if isinstance(spec, dict) else load_yaml(spec), where)
-    unknown = sorted(set(spec.lm) - LM_KEYS)
-    if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {unknown} in lm; known: {sorted(LM_KEYS)}")
     lm = None
     if spec.lm_path:
         if not (Path(spec.lm_path) / "config.json").is_file():
@@ -252,13 +243,13 @@ def build_model(spec: str | Path | dict | ModelConfig, vocab_size: int | None = 
         if mask_token_id is not None:
             lm.config.mask_token_id = mask_token_id
         lm_cfg = {k: v for k, v in lm.config.to_dict().items() if k in LM_KEYS}
-        differ = {k: (v, lm_cfg.get(k)) for k, v in spec.lm.items()
+        differ = {k: (v, lm_cfg.get(k)) for k, v in spec.lm.given().items()
                   if k not in ("vocab_size", "mask_token_id") and lm_cfg.get(k) != v}
         if differ:
             raise ConfigError(f"{where}: lm sizes disagree with lm_path={spec.lm_path!r} "
                               f"(yaml, folder): {differ}; drop them from lm or fix them")
     else:
-        lm_cfg = dict(spec.lm)
+        lm_cfg = spec.lm.given()
         if vocab_size is not None:
             lm_cfg["vocab_size"] = vocab_size
         if mask_token_id is not None:

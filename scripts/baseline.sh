@@ -15,7 +15,7 @@ if [ ! -d "$out/sft/model" ]; then
 fi
 twin=(--set objective=autoregressive --set ar_warmup_steps=0 --set ar_loss_weight=0)
 rm -rf "$out/ar_align" "$out/ar_sft"
-mmdlm-train --config configs/train/demo_align.yaml "${twin[@]}" --set "model_overrides=[lm.attention=causal]" \
+mmdlm-train --config configs/train/demo_align.yaml "${twin[@]}" --set model.lm.attention=causal \
     --set output_dir="$out/ar_align"
 mmdlm-train --config configs/train/demo_sft.yaml "${twin[@]}" --set init_from="$out/ar_align/model" \
     --set output_dir="$out/ar_sft"
