@@ -172,7 +172,7 @@ class Collator:
         for tensor in views:
             if tensor.dim() != 4 or tensor.shape[1] != 3:
                 raise DataError(f"image_transform must return [3, H, W] (or [views, 3, H, W]), got "
-                                f"{tuple(tensor.shape)}")  # fmt: skip
+                                f"{tuple(tensor.shape)}")
         if tensors:
             return torch.cat(views).float()
         if self._empty_shape is None:

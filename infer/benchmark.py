@@ -85,7 +85,7 @@ def run_setting(lm, prefixes: list[tuple], mask_id: int, config: SamplerConfig, 
         forwards.append(out.forward_passes)
         committed.append(int((out.commit_step > 0).sum()))
     return dict(answers=answers, forwards=statistics.mean(forwards), tokens_per_forward=sum(committed) / sum(forwards),
-                latency_ms=1000 * statistics.mean(seconds))  # fmt: skip
+                latency_ms=1000 * statistics.mean(seconds))
 
 
 def table(title: str, rows: list[dict], score_name: str) -> str:
@@ -113,7 +113,7 @@ def synthetic(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     cfg = DLMConfig(vocab_size=512, hidden_size=args.hidden_size, intermediate_size=4 * args.hidden_size,
                     num_hidden_layers=args.layers, num_attention_heads=max(1, args.hidden_size // 64),
-                    mask_token_id=511)  # fmt: skip
+                    mask_token_id=511)
     dtype = getattr(torch, args.dtype)
     lm = DiffusionLM(cfg).eval().to(args.device, dtype)
     prompt = 32
@@ -123,7 +123,7 @@ def synthetic(args: argparse.Namespace) -> int:
         text = lm.get_input_embeddings()(torch.randint(0, 500, (1, prompt), device=args.device)).detach()
         prefixes.append((torch.cat([image.to(args.device, dtype), text], 1), None))
     print(f"random-init LM: hidden {cfg.hidden_size}, {cfg.num_hidden_layers} layers, {args.device} {args.dtype}, "
-          f"{torch.get_num_threads()} threads, {args.limit} samples, prefix-DLM attention in every row")  # fmt: skip
+          f"{torch.get_num_threads()} threads, {args.limit} samples, prefix-DLM attention in every row")
     for gen_length, block_length in ((16, 16), (64, 32)):
         base = SamplerConfig(gen_length=gen_length, block_length=block_length, steps=gen_length, prefix_dlm=True)
         rows = []
@@ -210,9 +210,9 @@ def with_model(args: argparse.Namespace) -> int:
         encode_ms = 1000 * (time.perf_counter() - began) / len(requests)
         task = dict(name=name, answerer=answerer, requests=requests, prefixes=prefixes, repeats=args.repeats,
                     references={r["id"]: [r["reference"]] for r in requests},
-                    metric="cider" if name == "caption" else "vqa")  # fmt: skip
+                    metric="cider" if name == "caption" else "vqa")
         base = SamplerConfig(gen_length=gen_length, block_length=block_length, steps=gen_length,
-                             prefix_dlm=answerer.prefix_dlm, eos_id=special.eos, stop_ids=(special.eot,))  # fmt: skip
+                             prefix_dlm=answerer.prefix_dlm, eos_id=special.eos, stop_ids=(special.eot,))
         rows = []
         for label, config in ladder(base, args.tau):
             rows.append(measure(label, config, task, rows[0] if rows else None))

@@ -119,7 +119,7 @@ class MMDLM(PreTrainedModel):
             raise ValueError(f"pixel_values holds {features.shape[0]} views, the image sizes call for {views}")
         parts = features.split(views)
         return torch.cat([self.anyres.merge(part, size, self.projector.image_newline)
-                          for part, size in zip(parts, sizes)])  # fmt: skip
+                          for part, size in zip(parts, sizes)])
 
     def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
               image_features: torch.Tensor | None = None, image_sizes: torch.Tensor | None = None) -> torch.Tensor:
@@ -138,7 +138,7 @@ class MMDLM(PreTrainedModel):
             counts = []
         elif image_features.dim() == 2:  # any resolution: merged tokens of all images, [sum T, D]
             counts = ([self.image_tokens(s) for s in image_sizes.tolist()] if image_sizes is not None
-                      else [image_features.shape[0]])  # fmt: skip
+                      else [image_features.shape[0]])
         else:
             counts = [image_features.shape[1]] * image_features.shape[0]
         self._check_runs(is_image, counts)
