@@ -21,7 +21,8 @@ import torch
 from PIL import Image
 
 from mmdlm.infer.infer import Answer, Answerer
-from mmdlm.sampling import SamplerConfig, stopped
+from mmdlm.decoding import first_stop as first_stop_of
+from mmdlm.sampling import SamplerConfig
 
 
 @dataclass
@@ -135,7 +136,7 @@ class Batcher:
         stop_ids = torch.tensor([config.eos_id, *config.stop_ids], device=canvas.device)
         G = canvas.shape[1]
         filled = (canvas != mask_id).long().cumprod(1).sum(1)  # [n] positions before the first hole
-        first_stop = stopped(canvas, mask_id, stop_ids)[1]  # [n]
+        first_stop = first_stop_of(canvas, stop_ids)  # [n]
         for k, (row, ready, stop) in enumerate(zip(index.tolist(), filled.tolist(), first_stop.tolist())):
             job = batch[row]
             job.forwards += 1

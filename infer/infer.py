@@ -114,7 +114,7 @@ def llava_requests(json_path: str | Path, image_folder: str | Path | None) -> li
         name = entry_name(json_path, entry, index)
         turns = entry.get("conversations") if isinstance(entry, dict) else None
         if not isinstance(turns, list) or not all(isinstance(t, dict) and isinstance(t.get("value"), str)
-                                                  for t in turns):  # fmt: skip
+                                                  for t in turns):
             raise DataError(f"{name}: 'conversations' must be a list of {{'from', 'value'}} turns")
         try:
             paths = entry_images(entry)
@@ -130,7 +130,7 @@ def llava_requests(json_path: str | Path, image_folder: str | Path | None) -> li
         if missing:  # checked now, before the model loads; decoding waits for the entry's batch
             raise DataError(f"{name}: image not found: {folder / missing[0]} (set --image-folder?)")
         requests.append({"id": str(entry.get("id", index)), "images": [folder / p for p in paths], "turns": turns,
-                         "reference": reference})  # fmt: skip
+                         "reference": reference})
     return requests
 
 
@@ -258,14 +258,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--cache", choices=["auto", "none", "prefix", "block"], default="auto",
                    help="auto: prefix for models trained with prefix-DLM attention, none otherwise; prefix: "
                         "exact under prefix-DLM attention (which it switches on); block: Fast-dLLM DualCache, "
-                        "approximate")  # fmt: skip
+                        "approximate")
     s.add_argument("--no-early-stop", action="store_true", help="decode the whole canvas even after the answer ends")
     s.add_argument("--temperature", type=float, default=0.0)
     s.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--show-steps", nargs="?", const="-", metavar="PNG|GIF",
-                   help="print the order in which tokens were unmasked, or save it as .png / .gif")  # fmt: skip
+                   help="print the order in which tokens were unmasked, or save it as .png / .gif")
     return p
 
 
@@ -284,14 +284,12 @@ def sampler_config(args: argparse.Namespace, task: str, answerer: Answerer) -> S
     if args.gen_length is not None and args.steps is None:
         options["steps"] = args.gen_length
     cache = ("prefix" if answerer.prefix_dlm else "none") if args.cache == "auto" else args.cache
-    prefix_dlm = answerer.prefix_dlm or cache == "prefix"
     special = answerer.special
     options.update(suppress_ids=tuple(answerer.sampler_defaults.get("suppress_ids", ())),
                    float64_confidence=bool(answerer.sampler_defaults.get("float64_confidence", False)))
-    config = SamplerConfig(
-        **options, confidence=args.confidence, temperature=args.temperature, cache=cache, prefix_dlm=prefix_dlm,
-        early_stop=not args.no_early_stop, eos_id=special.eos, stop_ids=(special.eot,),
-    )  # fmt: skip
+    config = SamplerConfig(**options, confidence=args.confidence, temperature=args.temperature,
+                           prefix_dlm=answerer.prefix_dlm, early_stop=not args.no_early_stop, eos_id=special.eos,
+                           stop_ids=(special.eot,)).with_cache(cache)
     try:
         config.validate()
     except ValueError as error:
@@ -357,7 +355,7 @@ def run(args: argparse.Namespace) -> int:
 def answer_batch(answerer: Answerer, batch: list[dict], config: SamplerConfig, canvas) -> tuple[list[Answer], float]:
     """Return the answers of a batch of requests and the seconds per request they took (images decoded first)."""
     images = [[im if isinstance(im, Image.Image) else load_image(im, where=f"entry id={r['id']}: ")
-               for im in r["images"]] for r in batch]  # fmt: skip
+               for im in r["images"]] for r in batch]
     began = time.perf_counter()
     results = answerer.answer([r["turns"] for r in batch], images, config, canvas)
     return results, (time.perf_counter() - began) / len(batch)
