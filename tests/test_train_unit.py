@@ -149,13 +149,13 @@ def test_bad_configs_are_named(tmp_path):
                               ("data.sft_padding=pad", r"data.sft_padding='pad' must be one of"),
                               ("model.lm.attention=sideways", r"model.lm.attention='sideways' must be one of")]:
         with pytest.raises(ConfigError, match=message):
-            load_config(TrainConfig, ROOT / "configs/train/demo_align.yaml", [override])
+            load_config(TrainConfig, ROOT / "configs/train/demo_sft.yaml", [override])
     with pytest.raises(ConfigError, match=r"precision='fp8' must be one of \('auto', 'fp32', 'bf16'\)"):
         TrainConfig(precision="fp8").validate()
-    # The model section: demo_sft starts from align's saved folder, so a model change there is refused;
-    # the old model_overrides form names the new one.
-    with pytest.raises(ConfigError, match="init_from='runs/demo/align/model' builds the model from its own"):
-        load_train_config(ROOT / "configs/train/demo_sft.yaml", ["model.lm.attention=causal"])
+    # The model section: finetune starts from the demo's saved folder, so a model change there is
+    # refused; the old model_overrides form names the new one.
+    with pytest.raises(ConfigError, match="init_from='runs/demo/sft/model' builds the model from its own"):
+        load_train_config(ROOT / "configs/train/finetune.yaml", ["model.lm.attention=causal"])
     with pytest.raises(ConfigError, match=r"model_overrides is gone: .*--set model.lm.hidden_size=32"):
         load_train_config(ROOT / "configs/train/demo_sft.yaml", ["model_overrides=[lm.attention=causal]"])
     old = tmp_path / "old.yaml"
@@ -173,14 +173,14 @@ def test_bad_configs_are_named(tmp_path):
 def test_model_section_is_a_file_a_mapping_or_both():
     """`model:` names a model YAML; `--set model.lm.x=v` changes one field of it; `base:` + changes in YAML."""
     tiny = load_yaml(ROOT / "configs/model/tiny.yaml")
-    cfg = load_train_config(ROOT / "configs/train/demo_align.yaml", ["model.lm.hidden_size=32"])
+    cfg = load_train_config(ROOT / "configs/train/demo_sft.yaml", ["model.lm.hidden_size=32"])
     assert cfg.model.lm.hidden_size == 32 and cfg.model.lm.num_hidden_layers == tiny["lm"]["num_hidden_layers"]
     assert cfg.model.vision.model == tiny["vision"]["model"] and cfg.model.projector.grid == tiny["projector"]["grid"]
     assert cfg.model.lm.rms_norm_eps is None  # not in the YAML: DLMConfig's default applies
     caption = load_train_config(ROOT / "configs/train/demo_tower_caption.yaml")
     assert (caption.model.lm.num_hidden_layers, caption.model.lm.attention) == (1, "causal")
     assert caption.model.lm.hidden_size == tiny["lm"]["hidden_size"] and caption.model.vision == cfg.model.vision
-    swapped = load_train_config(ROOT / "configs/train/demo_align.yaml",
+    swapped = load_train_config(ROOT / "configs/train/demo_sft.yaml",
                                 ["model=configs/model/llada-8b-siglip.yaml", "model.lm.num_hidden_layers=2"])
     assert (swapped.model.lm.hidden_size, swapped.model.lm.num_hidden_layers) == (4096, 2)
     # The LM section names DLMConfig's fields exactly (plus the token ids transformers keeps).
