@@ -26,6 +26,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
 from PIL import Image
@@ -34,7 +35,8 @@ from transformers import PreTrainedTokenizerFast
 from mmdlm.data.errors import DataError, DataWarning
 from mmdlm.data.template import ChatEncoder, expand_image_runs
 
-SFT_PADDINGS = ("eos", "mask")
+SftPadding = Literal["eos", "mask"]
+SFT_PADDINGS = get_args(SftPadding)
 
 
 @dataclass
@@ -52,10 +54,10 @@ class Collator:
         image_transform: Callable[[Image.Image], torch.Tensor],
         num_image_tokens: int | Callable[[tuple[int, int]], int],
         max_length: int,
-        mode: str = "sft",
+        mode: Literal["sft", "pretrain"] = "sft",
         pad_to_multiple_of: int | None = None,
         empty_image_size: int = 64,
-        sft_padding: str = "eos",
+        sft_padding: SftPadding = "eos",
     ):
         if mode not in ("sft", "pretrain"):
             raise ValueError(f"mode must be 'sft' or 'pretrain', got {mode!r}")
@@ -170,7 +172,7 @@ class Collator:
         for tensor in views:
             if tensor.dim() != 4 or tensor.shape[1] != 3:
                 raise DataError(f"image_transform must return [3, H, W] (or [views, 3, H, W]), got "
-                                f"{tuple(tensor.shape)}")  # fmt: skip
+                                f"{tuple(tensor.shape)}")
         if tensors:
             return torch.cat(views).float()
         if self._empty_shape is None:

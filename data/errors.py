@@ -1,8 +1,12 @@
 """The one exception the data layer raises for bad input: its message names the file, the entry and the fix."""
 
+from typing import Literal, get_args
+
 from mmdlm.errors import UserError
 
-ON_ERROR = ("stop", "skip")  # data.on_error: a bad JSON entry stops the run, or is skipped, warned about and counted
+# data.on_error: a bad JSON entry stops the run, or is skipped, warned about and counted
+OnError = Literal["stop", "skip"]
+ON_ERROR = get_args(OnError)
 
 
 class DataError(UserError):

@@ -27,7 +27,7 @@ PLACES = {  # (row, col) -> phrase used in captions
     (0, 0): "at the top left", (0, 1): "at the top", (0, 2): "at the top right",
     (1, 0): "on the left", (1, 1): "in the middle", (1, 2): "on the right",
     (2, 0): "at the bottom left", (2, 1): "at the bottom", (2, 2): "at the bottom right",
-}  # fmt: skip
+}
 
 
 @dataclass(frozen=True)
@@ -71,7 +71,7 @@ def _question_keys(kind: str) -> list[tuple]:
 
 
 _ANSWERS = {"colour": tuple(COLOURS), "shape": SHAPES, "count": COUNTS, "position": ("left", "right"),
-            "existence": ("yes", "no")}  # fmt: skip
+            "existence": ("yes", "no")}
 
 
 class QuestionSampler:

@@ -76,9 +76,9 @@ def synthesize_split(split_dir: Path, split: str, n: int, seed: int, options: Wo
         image.save(split_dir / relative)
         question, described = make_question(kind, key), caption(things)
         qa.append({"id": f"{split}-qa-{index:06d}", "image": relative, "question_type": kind,
-                   "conversations": _conversation(question, answer)})  # fmt: skip
+                   "conversations": _conversation(question, answer)})
         captions.append({"id": f"{split}-cap-{index:06d}", "image": relative,
-                         "conversations": _conversation(CAPTION_PROMPT, described)})  # fmt: skip
+                         "conversations": _conversation(CAPTION_PROMPT, described)})
         scenes.append((split_dir / relative, things))
         texts += [question, answer, described]
     (split_dir / "qa.json").write_text(json.dumps(qa, indent=1))
@@ -114,6 +114,6 @@ def synthesize(
         texts += synthesize_split(out / split, split, n, seed, options)
     train_demo_tokenizer(texts, out / "tokenizer", vocab_size=options.vocab_size)
     world = {"seed": seed, "splits": sizes, "options": asdict(options), "colours": list(COLOURS),
-             "shapes": list(SHAPES), "question_types": list(QUESTION_TYPES)}  # fmt: skip
+             "shapes": list(SHAPES), "question_types": list(QUESTION_TYPES)}
     (out / "world.json").write_text(json.dumps(world, indent=1))
     return out

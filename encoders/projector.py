@@ -16,21 +16,23 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmdlm.config import ConfigError
+from mmdlm.config import ConfigError, check_choices
 
 
 @dataclass
 class ProjectorConfig:
-    type: str = "mlp2x_gelu"  # "mlp2x_gelu" | "linear"
+    type: Literal["mlp2x_gelu", "linear"] = "mlp2x_gelu"
     pool: int = 1  # side of the average-pooling window over the patch grid (1 = none)
     grid: int = 0  # average the patch grid down to grid x grid tokens (0 = keep it; excludes pool)
     pos_embed: bool = False  # add a learned embedding per image token
-    merge: str = "flat"  # "flat" (one view, its tokens as they are) | "spatial_unpad" (needs vision.anyres_max)
+    # flat: one view, its tokens as they are; spatial_unpad: LLaVA's any-resolution merge (needs vision.anyres_max)
+    merge: Literal["flat", "spatial_unpad"] = "flat"
 
 
 class Projector(nn.Module):
@@ -38,12 +40,11 @@ class Projector(nn.Module):
 
     def __init__(self, cfg: ProjectorConfig, vision_width: int, lm_width: int, vision_tokens: int | None = None):
         super().__init__()
+        check_choices(cfg, "projector.")
         if cfg.type == "mlp2x_gelu":
             self.proj = nn.Sequential(nn.Linear(vision_width, lm_width), nn.GELU(), nn.Linear(lm_width, lm_width))
-        elif cfg.type == "linear":
-            self.proj = nn.Linear(vision_width, lm_width)
         else:
-            raise ConfigError(f"projector.type={cfg.type!r} must be 'mlp2x_gelu' or 'linear'")
+            self.proj = nn.Linear(vision_width, lm_width)
         if cfg.pool < 1 or cfg.grid < 0:
             raise ConfigError(f"projector.pool={cfg.pool} must be >= 1 and projector.grid={cfg.grid} >= 0")
         if cfg.pool > 1 and cfg.grid:
@@ -54,8 +55,6 @@ class Projector(nn.Module):
             if vision_tokens is None:
                 raise ValueError("projector.pos_embed needs the tower's number of tokens (vision_tokens)")
             self.pos_embed = nn.Parameter(torch.zeros(1, self.num_tokens(vision_tokens), lm_width))  # [1, T', D]
-        if cfg.merge not in ("flat", "spatial_unpad"):
-            raise ConfigError(f"projector.merge={cfg.merge!r} must be 'flat' or 'spatial_unpad'")
         if cfg.merge == "spatial_unpad":
             if cfg.pool != 1 or cfg.grid:
                 raise ConfigError("projector.merge=spatial_unpad keeps every patch: set projector.pool=1, grid=0")

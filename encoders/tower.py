@@ -19,19 +19,19 @@ import inspect
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
-from mmdlm.config import ConfigError
+from mmdlm.config import ConfigError, check_choices
 
 HUB_PREFIXES = ("hf-hub:", "hf_hub:")  # names that make timm / open_clip fetch configs or weights
 
 
 @dataclass
 class VisionConfig:
-    backend: str = "timm"  # "timm" | "open_clip" | "transformers" (SigLIP)
+    backend: Literal["timm", "open_clip", "transformers"] = "timm"  # transformers: SigLIP
     # a timm model name (timm.list_models), an open_clip one (open_clip.list_models), or "siglip" (transformers)
     model: str = "resnet18"
     image_size: int | None = None  # None: the model's own input size
@@ -56,8 +56,7 @@ class VisionConfig:
     grid_pinpoints: list[list[int]] = field(default_factory=list)
 
     def validate(self) -> None:
-        if self.backend not in ("timm", "open_clip", "transformers"):
-            raise ConfigError(f"vision.backend={self.backend!r} must be 'timm', 'open_clip' or 'transformers'")
+        check_choices(self, "vision.")
         if self.backend == "transformers" and self.model != "siglip":
             raise ConfigError(f"vision.model={self.model!r}: the transformers backend builds 'siglip' "
                              "(SiglipVisionModel from vision.overrides)")

@@ -38,11 +38,6 @@ STEP_DIVISORS = (1, 2, 4)  # the steps curve: gen_length / d steps over the whol
 TASKS = {"vqa": ("qa.json", 16, 16), "caption": ("captions.json", 64, 32)}  # file, gen_length, block_length
 
 
-def with_cache(config: SamplerConfig, cache: str) -> SamplerConfig:
-    """Return `config` with `cache`; the exact prefix cache brings prefix-DLM attention with it."""
-    return replace(config, cache=cache, prefix_dlm=config.prefix_dlm or cache == "prefix")
-
-
 def ladder(base: SamplerConfig, tau: float) -> list[tuple[str, SamplerConfig]]:
     """Return the settings from vanilla LLaDA (one token per forward, no cache) to all speedups at once.
 
@@ -54,12 +49,12 @@ def ladder(base: SamplerConfig, tau: float) -> list[tuple[str, SamplerConfig]]:
     stop = replace(fast, early_stop=True)
     return [
         ("vanilla (1 token/step)", base),
-        (f"+ {prefix}", with_cache(base, "prefix")),
-        ("+ block cache (DualCache)", with_cache(base, "block")),
+        (f"+ {prefix}", base.with_cache("prefix")),
+        ("+ block cache (DualCache)", base.with_cache("block")),
         (f"+ threshold {tau}", fast),
         (f"+ threshold {tau} + early stop", stop),
-        ("+ prefix cache + threshold + early stop", with_cache(stop, "prefix")),
-        ("+ block cache + threshold + early stop", with_cache(stop, "block")),
+        ("+ prefix cache + threshold + early stop", stop.with_cache("prefix")),
+        ("+ block cache + threshold + early stop", stop.with_cache("block")),
     ]
 
 
@@ -90,7 +85,7 @@ def run_setting(lm, prefixes: list[tuple], mask_id: int, config: SamplerConfig, 
         forwards.append(out.forward_passes)
         committed.append(int((out.commit_step > 0).sum()))
     return dict(answers=answers, forwards=statistics.mean(forwards), tokens_per_forward=sum(committed) / sum(forwards),
-                latency_ms=1000 * statistics.mean(seconds))  # fmt: skip
+                latency_ms=1000 * statistics.mean(seconds))
 
 
 def table(title: str, rows: list[dict], score_name: str) -> str:
@@ -118,7 +113,7 @@ def synthetic(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     cfg = DLMConfig(vocab_size=512, hidden_size=args.hidden_size, intermediate_size=4 * args.hidden_size,
                     num_hidden_layers=args.layers, num_attention_heads=max(1, args.hidden_size // 64),
-                    mask_token_id=511)  # fmt: skip
+                    mask_token_id=511)
     dtype = getattr(torch, args.dtype)
     lm = DiffusionLM(cfg).eval().to(args.device, dtype)
     prompt = 32
@@ -128,12 +123,12 @@ def synthetic(args: argparse.Namespace) -> int:
         text = lm.get_input_embeddings()(torch.randint(0, 500, (1, prompt), device=args.device)).detach()
         prefixes.append((torch.cat([image.to(args.device, dtype), text], 1), None))
     print(f"random-init LM: hidden {cfg.hidden_size}, {cfg.num_hidden_layers} layers, {args.device} {args.dtype}, "
-          f"{torch.get_num_threads()} threads, {args.limit} samples, prefix-DLM attention in every row")  # fmt: skip
+          f"{torch.get_num_threads()} threads, {args.limit} samples, prefix-DLM attention in every row")
     for gen_length, block_length in ((16, 16), (64, 32)):
         base = SamplerConfig(gen_length=gen_length, block_length=block_length, steps=gen_length, prefix_dlm=True)
         rows = []
-        for name, config in [("no cache", base), ("prefix cache (exact)", replace(base, cache="prefix")),
-                             ("block cache (DualCache)", replace(base, cache="block"))]:  # fmt: skip
+        for name, config in [("no cache", base), ("prefix cache (exact)", base.with_cache("prefix")),
+                             ("block cache (DualCache)", base.with_cache("block"))]:
             run_setting(lm, prefixes[:1], 511, config)  # warm-up
             result = run_setting(lm, prefixes, 511, config, args.repeats)
             result["same"] = same_share(result["answers"], (rows[0] if rows else result)["answers"])
@@ -200,7 +195,8 @@ def with_model(args: argparse.Namespace) -> int:
     if twin is not None and not twin.autoregressive:
         raise InferError(f"--baseline {args.baseline} is not an autoregressive twin (lm.attention: causal)")
     special = answerer.special
-    cache = args.cache if args.cache != "auto" else ("prefix" if answerer.prefix_dlm else "block")
+    # The frontier's cache: the exact one where the model allows it, else the approximate one (not infer.py's --cache).
+    cache = args.frontier_cache or ("prefix" if answerer.prefix_dlm else "block")
     curves, score_names = {}, {"vqa": "VQA accuracy", "caption": "CIDEr"}
     for name, (file, gen_length, block_length) in TASKS.items():
         requests = llava_requests(Path(args.data) / "test" / file, None)[: args.limit]
@@ -214,9 +210,9 @@ def with_model(args: argparse.Namespace) -> int:
         encode_ms = 1000 * (time.perf_counter() - began) / len(requests)
         task = dict(name=name, answerer=answerer, requests=requests, prefixes=prefixes, repeats=args.repeats,
                     references={r["id"]: [r["reference"]] for r in requests},
-                    metric="cider" if name == "caption" else "vqa")  # fmt: skip
+                    metric="cider" if name == "caption" else "vqa")
         base = SamplerConfig(gen_length=gen_length, block_length=block_length, steps=gen_length,
-                             prefix_dlm=answerer.prefix_dlm, eos_id=special.eos, stop_ids=(special.eot,))  # fmt: skip
+                             prefix_dlm=answerer.prefix_dlm, eos_id=special.eos, stop_ids=(special.eot,))
         rows = []
         for label, config in ladder(base, args.tau):
             rows.append(measure(label, config, task, rows[0] if rows else None))
@@ -226,7 +222,7 @@ def with_model(args: argparse.Namespace) -> int:
                                 decode=autoregressive))
         print(f"\n{name}: {len(requests)} samples, image + prompt encoding {encode_ms:.1f} ms/sample (not included)")
         print(table(name, rows, score_names[name]), flush=True)
-        fast = with_cache(replace(base, early_stop=True), cache)
+        fast = replace(base, early_stop=True).with_cache(cache)
         sweeps = {
             "threshold tau": [(f"tau {t}", replace(fast, threshold=t)) for t in TAUS],
             "factor rule": [(f"factor {f:g}", replace(fast, factor=f)) for f in FACTORS],
@@ -251,8 +247,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", help="demo world folder (its test/qa.json and test/captions.json)")
     p.add_argument("--baseline", help="the autoregressive twin's model folder: one more row per task")
     p.add_argument("--limit", type=int, default=50, help="samples per task")
-    p.add_argument("--cache", choices=["auto", "prefix", "block"], default="auto",
-                   help="the frontier's cache (auto: prefix for a model trained with prefix-DLM attention, else block)")
+    p.add_argument("--frontier-cache", choices=["prefix", "block"],
+                   help="the cache of the frontier's sweeps (default: prefix for a model trained with prefix-DLM "
+                        "attention, else block)")
     p.add_argument("--repeats", type=int, default=3, help="runs per sample; its fastest counts")
     p.add_argument("--tau", type=float, default=0.9, help="threshold of the ladder's fast rows")
     p.add_argument("--plot", default="frontier.png", help="where to save the quality/speed frontier")

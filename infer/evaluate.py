@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--predictions", required=True, help="answers.jsonl written by infer.py --output")
     parser.add_argument("--references", required=True, help="the LLaVA JSON set the questions came from")
     parser.add_argument("--metric", choices=["auto", "vqa", "exact", "cider"], default="auto",
-                        help="auto: cider for a captions file (name contains 'caption'), vqa otherwise")  # fmt: skip
+                        help="auto: cider for a captions file (name contains 'caption'), vqa otherwise")
     args = parser.parse_args(argv)
     metric = args.metric
     if metric == "auto":

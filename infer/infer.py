@@ -45,23 +45,34 @@ class InferError(UserError):
     """A request that cannot be answered; the message names the file or option and the fix."""
 
 
-def load_image(path: str | Path, where: str = "") -> Image.Image:
+def load_image(path: str | Path, where: str = "", max_pixels: int | None = None) -> Image.Image:
     """Return the image at `path` as RGB, or InferError saying what is wrong with the file."""
     path = Path(path)
     if not path.is_file():
         raise InferError(f"{where}image not found: {path}")
     if path.stat().st_size == 0:
         raise InferError(f"{where}image file is empty: {path}")
+    return read_image(path, f"{where}{path}", max_pixels)
+
+
+def read_image(source, name: str, max_pixels: int | None = None) -> Image.Image:
+    """Return the image in `source` (a path or a file object) as RGB, or InferError naming it as `name`.
+
+    `max_pixels` refuses larger images before they are decoded (Pillow's own limit is ~179 million).
+    """
     try:
-        with Image.open(path) as image:
+        with Image.open(source) as image:
+            if max_pixels is not None and image.width * image.height > max_pixels:
+                raise InferError(f"{name} is {image.width}x{image.height} pixels, over the limit of {max_pixels}: "
+                                 "downscale it first")  # fmt: skip
             image.load()  # decodes now, so a truncated file fails here and not in the model
             return image.convert("RGB")
     except Image.DecompressionBombError as error:
-        raise InferError(f"{where}{path} is too large to decode safely ({error}); downscale it first") from error
+        raise InferError(f"{name} is too large to decode safely ({error}); downscale it first") from error
     except Image.UnidentifiedImageError as error:
-        raise InferError(f"{where}{path} is not an image Pillow can read (PNG, JPEG, ...)") from error
+        raise InferError(f"{name} is not an image Pillow can read (PNG, JPEG, ...)") from error
     except (OSError, ValueError, SyntaxError) as error:
-        raise InferError(f"{where}{path} is truncated or corrupt ({error})") from error
+        raise InferError(f"{name} is truncated or corrupt ({error})") from error
 
 
 def load_model(path: str | Path, device: str = "cpu"):
@@ -103,7 +114,7 @@ def llava_requests(json_path: str | Path, image_folder: str | Path | None) -> li
         name = entry_name(json_path, entry, index)
         turns = entry.get("conversations") if isinstance(entry, dict) else None
         if not isinstance(turns, list) or not all(isinstance(t, dict) and isinstance(t.get("value"), str)
-                                                  for t in turns):  # fmt: skip
+                                                  for t in turns):
             raise DataError(f"{name}: 'conversations' must be a list of {{'from', 'value'}} turns")
         try:
             paths = entry_images(entry)
@@ -119,7 +130,7 @@ def llava_requests(json_path: str | Path, image_folder: str | Path | None) -> li
         if missing:  # checked now, before the model loads; decoding waits for the entry's batch
             raise DataError(f"{name}: image not found: {folder / missing[0]} (set --image-folder?)")
         requests.append({"id": str(entry.get("id", index)), "images": [folder / p for p in paths], "turns": turns,
-                         "reference": reference})  # fmt: skip
+                         "reference": reference})
     return requests
 
 
@@ -130,6 +141,7 @@ class Answer:
     commit_step: list[int]  # the forward that committed each position (0 given, -1 dropped)
     forward_passes: int
     tokens_per_forward: float
+    length: int = 0  # answer tokens before the first stop token (the canvas length if none was committed)
 
 
 class Answerer:
@@ -172,15 +184,23 @@ class Answerer:
         sizes = torch.tensor([image.size for row in images for image in row]).reshape(-1, 2)  # [N_images, 2] (w, h)
         return self.model.embed(ids.to(self.device), pixels, image_sizes=sizes), mask.to(self.device)
 
+    def check_length(self, prompt: list[int], gen_length: int, option: str = "--gen-length") -> None:
+        """Raise InferError when the prompt and the answer canvas do not fit the model's context."""
+        if len(prompt) + gen_length > self.context:
+            raise InferError(
+                f"the prompt is {len(prompt)} tokens (images included) + {gen_length} to generate, over the "
+                f"model's context of {self.context}: shorten the question or lower {option}"
+            )
+
     def answer(self, turns: list[list[dict]], images: list[list[Image.Image]], config: SamplerConfig, canvas=None):
         """Return one Answer per request (turns and images of each)."""
         prompts = [self.prompt_ids(t, i) for t, i in zip(turns, images)]
-        longest = max(len(p) for p in prompts)
-        if longest + config.gen_length > self.context:
-            raise InferError(
-                f"the prompt is {longest} tokens (images included) + {config.gen_length} to generate, over the "
-                f"model's context of {self.context}: shorten the question or lower --gen-length"
-            )
+        self.check_length(max(prompts, key=len), config.gen_length)
+        return self.answer_prompts(prompts, images, config, canvas)
+
+    def answer_prompts(self, prompts: list[list[int]], images: list[list[Image.Image]], config: SamplerConfig,
+                       canvas=None, on_forward=None) -> list[Answer]:  # fmt: skip
+        """Return one Answer per prompt (from prompt_ids); `on_forward` goes to the sampler (diffusion only)."""
         embeds, mask = self.prefix(prompts, images)
         if self.autoregressive:  # the AR twin: left to right, one token per forward
             if canvas is not None:
@@ -188,16 +208,16 @@ class Answerer:
             out = generate_autoregressive(self.model.lm, prefix_embeds=embeds, attention_mask=mask, config=config)
         else:
             out = generate(self.model.lm, prefix_embeds=embeds, attention_mask=mask, mask_id=self.special.mask,
-                           config=config, canvas=None if canvas is None else canvas.to(self.device))  # fmt: skip
-        answers = []
-        for row in range(len(prompts)):
-            tokens, steps = out.tokens[row].tolist(), out.commit_step[row].tolist()
-            text = self.decode(tokens[: int(out.lengths[row])])
-            pieces = [self.tokenizer.decode([t]) for t in tokens]
-            committed = sum(s > 0 for s in steps)
-            forwards = int(out.row_forwards[row])
-            answers.append(Answer(text, pieces, steps, forwards, committed / max(forwards, 1)))
-        return answers
+                           config=config, canvas=None if canvas is None else canvas.to(self.device),
+                           on_forward=on_forward)  # fmt: skip
+        return [self.make_answer(out.tokens[row].tolist(), out.commit_step[row].tolist(), int(out.lengths[row]),
+                                 int(out.row_forwards[row])) for row in range(len(prompts))]  # fmt: skip
+
+    def make_answer(self, tokens: list[int], steps: list[int], length: int, forwards: int) -> Answer:
+        """Return the Answer of one row: its canvas tokens, commit steps, answer length and forwards taken."""
+        pieces = [self.tokenizer.decode([t]) for t in tokens]
+        committed = sum(s > 0 for s in steps)
+        return Answer(self.decode(tokens[:length]), pieces, steps, forwards, committed / max(forwards, 1), length)
 
     def decode(self, answer: list[int]) -> str:
         """Return the text of an answer's tokens (up to its stop token), special tokens removed."""
@@ -238,14 +258,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--cache", choices=["auto", "none", "prefix", "block"], default="auto",
                    help="auto: prefix for models trained with prefix-DLM attention, none otherwise; prefix: "
                         "exact under prefix-DLM attention (which it switches on); block: Fast-dLLM DualCache, "
-                        "approximate")  # fmt: skip
+                        "approximate")
     s.add_argument("--no-early-stop", action="store_true", help="decode the whole canvas even after the answer ends")
     s.add_argument("--temperature", type=float, default=0.0)
     s.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--show-steps", nargs="?", const="-", metavar="PNG|GIF",
-                   help="print the order in which tokens were unmasked, or save it as .png / .gif")  # fmt: skip
+                   help="print the order in which tokens were unmasked, or save it as .png / .gif")
     return p
 
 
@@ -264,14 +284,12 @@ def sampler_config(args: argparse.Namespace, task: str, answerer: Answerer) -> S
     if args.gen_length is not None and args.steps is None:
         options["steps"] = args.gen_length
     cache = ("prefix" if answerer.prefix_dlm else "none") if args.cache == "auto" else args.cache
-    prefix_dlm = answerer.prefix_dlm or cache == "prefix"
     special = answerer.special
     options.update(suppress_ids=tuple(answerer.sampler_defaults.get("suppress_ids", ())),
                    float64_confidence=bool(answerer.sampler_defaults.get("float64_confidence", False)))
-    config = SamplerConfig(
-        **options, confidence=args.confidence, temperature=args.temperature, cache=cache, prefix_dlm=prefix_dlm,
-        early_stop=not args.no_early_stop, eos_id=special.eos, stop_ids=(special.eot,),
-    )  # fmt: skip
+    config = SamplerConfig(**options, confidence=args.confidence, temperature=args.temperature,
+                           prefix_dlm=answerer.prefix_dlm, early_stop=not args.no_early_stop, eos_id=special.eos,
+                           stop_ids=(special.eot,)).with_cache(cache)
     try:
         config.validate()
     except ValueError as error:
@@ -337,7 +355,7 @@ def run(args: argparse.Namespace) -> int:
 def answer_batch(answerer: Answerer, batch: list[dict], config: SamplerConfig, canvas) -> tuple[list[Answer], float]:
     """Return the answers of a batch of requests and the seconds per request they took (images decoded first)."""
     images = [[im if isinstance(im, Image.Image) else load_image(im, where=f"entry id={r['id']}: ")
-               for im in r["images"]] for r in batch]  # fmt: skip
+               for im in r["images"]] for r in batch]
     began = time.perf_counter()
     results = answerer.answer([r["turns"] for r in batch], images, config, canvas)
     return results, (time.perf_counter() - began) / len(batch)

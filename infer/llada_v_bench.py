@@ -33,14 +33,14 @@ def llada_v_ladder(base: SamplerConfig, tau: float) -> list[tuple[str, bool, Sam
     """Return (name, exact, config): LLaDA-V's sampler, then early stop, threshold and prefix cache added."""
     stop = replace(base, early_stop=True)
     fast = replace(base, threshold=tau)
-    cached = replace(fast, cache="prefix", prefix_dlm=True)
+    cached = fast.with_cache("prefix")
     return [
         ("LLaDA-V generate (1 token/step, no cache)", True, base),
         ("+ early stop", True, stop),
         (f"+ threshold {tau}", False, fast),
         (f"+ threshold {tau} + prefix cache (prefix-DLM)", False, cached),
         (f"+ threshold {tau} + prefix cache + early stop", False, replace(cached, early_stop=True)),
-        (f"+ threshold {tau} + block cache + early stop", False, replace(fast, cache="block", early_stop=True)),
+        (f"+ threshold {tau} + block cache + early stop", False, replace(fast, early_stop=True).with_cache("block")),
     ]
 
 
@@ -51,9 +51,9 @@ def random_model(shape: str, vocab_size: int = 126464):
     tower_width, tower_layers, width, layers, heads = SHAPES[shape]
     siglip = dict(hidden_size=tower_width, intermediate_size=4 * tower_width, num_hidden_layers=tower_layers,
                   num_attention_heads=max(1, tower_width // 72), image_size=384, patch_size=14,
-                  hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6)  # fmt: skip
+                  hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6)
     vision = dict(backend="transformers", model="siglip", overrides=siglip, feature_layer=-2, anyres_max=4,
-                  grid_pinpoints=PINPOINTS)  # fmt: skip
+                  grid_pinpoints=PINPOINTS)
     lm = dict(vocab_size=vocab_size, hidden_size=width, intermediate_size=width * 3, num_hidden_layers=layers,
               num_attention_heads=heads, rope_theta=500000.0, mask_token_id=126336, max_position_embeddings=8192)
     config = MMDLMConfig(vision=vision, projector=dict(merge="spatial_unpad"), lm=lm, image_token_id=vocab_size - 1,
@@ -98,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
         what = str(args.model)
     sampler = {k: tuple(v) if isinstance(v, list) else v for k, v in model.config.sampler.items()}
     base = SamplerConfig(gen_length=args.gen_length, block_length=args.gen_length, steps=args.gen_length,
-                         **sampler, **stops)  # fmt: skip
+                         **sampler, **stops)
     rows = []
     for name, exact, config in llada_v_ladder(base, args.tau):
         run_setting(model.lm, prefixes[:1], mask_id, config)  # warm-up

@@ -3,8 +3,8 @@
 The baseline the diffusion sampler is measured against: the same backbone trained with causal
 attention and next-token loss. Keys/values of everything already read are cached, so each forward
 runs one new position (the prefix once). It takes the diffusion sampler's SamplerConfig and returns
-its SampleOutput, so infer.py and the benchmarks treat both models alike; the options that only a
-diffusion canvas has (blocks, steps, threshold, cache kind) are ignored.
+the same SampleOutput (mmdlm/decoding.py), so infer.py and the benchmarks treat both models alike;
+the options that only a diffusion canvas has (blocks, steps, threshold, cache kind) are ignored.
 """
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ from __future__ import annotations
 import torch
 
 from mmdlm.cache import KVCache
-from mmdlm.sampling import SampleOutput, SamplerConfig, add_gumbel_noise, stopped
+from mmdlm.decoding import SampleOutput, add_gumbel_noise, answer_lengths, read_prompt
+from mmdlm.sampling import SamplerConfig
 
 
 @torch.no_grad()
@@ -31,16 +32,9 @@ def generate_autoregressive(
     """
     if model.config.attention != "causal":
         raise ValueError("generate_autoregressive needs a model with attention='causal' (the AR twin)")
-    if (prefix_ids is None) == (prefix_embeds is None):
-        raise ValueError("pass exactly one of prefix_ids or prefix_embeds")
-    prefix = prefix_ids if prefix_ids is not None else prefix_embeds
-    B, P = prefix.shape[:2]
-    G, device = config.gen_length, prefix.device
-    key_mask = torch.ones(B, P + G, dtype=torch.bool, device=device)  # [B, P+G]
-    if attention_mask is not None:
-        key_mask[:, :P] = attention_mask.bool()
-    positions = (key_mask.long().cumsum(1) - 1).clamp(min=0)  # a left-padded row keeps its unpadded RoPE
-    stop_ids = torch.tensor([i for i in (config.eos_id, *config.stop_ids) if i is not None], device=device)
+    prompt = read_prompt(prefix_ids, prefix_embeds, attention_mask, config.gen_length,
+                         (config.eos_id, *config.stop_ids))
+    B, P, G, device = prompt.batch_size, prompt.length, config.gen_length, prompt.device
     fill = config.eos_id if config.eos_id is not None else 0
     tokens = torch.full((B, G), fill, dtype=torch.long, device=device)  # [B, G]
     commit_step = torch.full((B, G), -1, dtype=torch.long, device=device)
@@ -49,21 +43,20 @@ def generate_autoregressive(
     inputs = {"input_ids": prefix_ids} if prefix_ids is not None else {"inputs_embeds": prefix_embeds}
     start, forwards = 0, 0
     for i in range(G):
-        length = P if i == 0 else 1
-        logits = model(**inputs, attention_mask=key_mask[:, : start + length],
-                       position_ids=positions[:, start : start + length], cache=cache, start=start, fill_cache=True)
+        end = start + (P if i == 0 else 1)
+        padding = {} if prompt.key_mask is None else {  # a left-padded row keeps its unpadded RoPE
+            "attention_mask": prompt.key_mask[:, :end], "position_ids": prompt.position_ids[:, start:end]}
+        logits = model(**inputs, **padding, cache=cache, start=start, fill_cache=True)
         forwards += 1
         next_token = add_gumbel_noise(logits[:, -1], config.temperature).argmax(-1)  # [B]
         live = ~done
         tokens[live, i] = next_token[live]
         commit_step[live, i] = forwards
-        if len(stop_ids):
-            done |= torch.isin(next_token, stop_ids)
+        if len(prompt.stop_ids):
+            done |= torch.isin(next_token, prompt.stop_ids)
         if config.early_stop and bool(done.all()):
             break
-        start += length
+        start = end
         inputs = {"input_ids": next_token[:, None]}
-    # The canvas holds no mask id (-1 matches nothing), so `stopped` gives each row's first stop token.
-    lengths = stopped(tokens, -1, stop_ids)[1] if len(stop_ids) else torch.full((B,), G, device=device)
     row_forwards = (commit_step > 0).sum(1)
-    return SampleOutput(tokens, forwards, commit_step, row_forwards, lengths)
+    return SampleOutput(tokens, forwards, commit_step, row_forwards, answer_lengths(tokens, prompt.stop_ids))

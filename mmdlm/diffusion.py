@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -32,12 +33,13 @@ class DiffusionLoss:
     num_masked: int  # masked tokens scored in this batch
 
 
-SCHEDULES = ("ratio", "count")
+Schedule = Literal["ratio", "count"]  # t ~ U(eps, 1] per sequence (LLaDA's training), or l ~ U{1..L} tokens (eq. 6)
+SCHEDULES = get_args(Schedule)
 
 
 def sample_masks(
     maskable: torch.Tensor, eps: float, complementary: bool, generator: torch.Generator | None,
-    schedule: str = "ratio",
+    schedule: Schedule = "ratio",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Return (masks [k, B, L] bool, t [k, B]); k = 2 with complementary masking.
 
@@ -77,7 +79,7 @@ def masked_diffusion_loss(
     eps: float = 1e-3,
     complementary: bool = False,
     generator: torch.Generator | None = None,
-    schedule: str = "ratio",
+    schedule: Schedule = "ratio",
 ) -> DiffusionLoss:
     """Return the 1/t-weighted masked cross-entropy of `logits_fn` on a freshly masked batch.
 

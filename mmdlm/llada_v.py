@@ -49,7 +49,7 @@ _PATTERNS = [
     (re.compile("^" + re.escape(src).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{p\}", r"(?P<p>weight|bias)")
                 .replace(r"\{name\}", r"(?P<name>[\w.]+)") + "$"), dst)
     for src, dst in KEY_MAP.items()
-]  # fmt: skip
+]
 
 # Upstream's SigLipVisionTower hard-codes SigLipVisionConfig() (siglip2-so400m-patch14-384) when
 # the tower folder is not beside the checkpoint, which is the case for the released weights.

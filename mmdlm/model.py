@@ -11,6 +11,9 @@ and RoPE computed in fp32 then cast back; RoPE rotates halves (`cat(-x2, x1)`).
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Literal, get_args
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -19,6 +22,35 @@ from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedMode
 
 from mmdlm.cache import KVCache
 from mmdlm.config import ConfigError
+
+AttentionKind = Literal["bidirectional", "causal"]
+
+
+@dataclasses.dataclass
+class LMConfig:
+    """The `lm` section of a model YAML: DLMConfig's fields. None keeps DLMConfig's default (with
+    `lm_path`: the folder's value, which a value given here must equal)."""
+
+    vocab_size: int | None = None  # filled from the tokenizer at build time
+    hidden_size: int | None = None
+    intermediate_size: int | None = None
+    num_hidden_layers: int | None = None
+    num_attention_heads: int | None = None
+    num_key_value_heads: int | None = None  # None: one K/V head per query head
+    rope_theta: float | None = None
+    rms_norm_eps: float | None = None
+    max_position_embeddings: int | None = None
+    initializer_range: float | None = None
+    attention: AttentionKind | None = None  # bidirectional (diffusion) or causal (the autoregressive twin)
+    mask_token_id: int | None = None
+    tie_word_embeddings: bool | None = None
+    eos_token_id: int | None = None  # kept by transformers as generic config attributes
+    pad_token_id: int | None = None
+    bos_token_id: int | None = None
+
+    def given(self) -> dict:
+        """Return the fields set (not None), as DLMConfig keyword arguments."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
 
 
 class DLMConfig(PretrainedConfig):
@@ -38,7 +70,7 @@ class DLMConfig(PretrainedConfig):
         rms_norm_eps: float = 1e-5,
         max_position_embeddings: int = 4096,
         initializer_range: float = 0.02,
-        attention: str = "bidirectional",
+        attention: AttentionKind = "bidirectional",
         mask_token_id: int | None = None,
         tie_word_embeddings: bool = False,
         **kwargs,
@@ -76,8 +108,8 @@ class DLMConfig(PretrainedConfig):
                 f"num_attention_heads={self.num_attention_heads} is not divisible by "
                 f"num_key_value_heads={self.num_key_value_heads}"
             )
-        if self.attention not in ("bidirectional", "causal"):
-            problems.append(f"attention={self.attention!r} must be 'bidirectional' or 'causal'")
+        if self.attention not in get_args(AttentionKind):
+            problems.append(f"attention={self.attention!r} must be one of {get_args(AttentionKind)}")
         if self.mask_token_id is not None and not 0 <= self.mask_token_id < self.vocab_size:
             problems.append(f"mask_token_id={self.mask_token_id} is outside vocab_size={self.vocab_size}")
         if problems:
@@ -227,7 +259,11 @@ class DiffusionLM(PreTrainedModel):
         return self.lm_head
 
     def set_activation_checkpointing(self, enable: bool = True) -> None:
-        """Recompute each block's activations in the backward pass (memory for compute)."""
+        """Recompute each block's activations in the backward pass (memory for compute), in training mode.
+
+        The one switch (config `activation_checkpointing`; for an MMDLM, `model.lm.set_activation_checkpointing`).
+        transformers' own (activation|gradient)_checkpointing_enable() set the same `gradient_checkpointing` flag.
+        """
         self.gradient_checkpointing = enable
 
     def compile_blocks(self) -> None:
@@ -239,10 +275,6 @@ class DiffusionLM(PreTrainedModel):
         """
         for block in self.layers:
             block.compile()
-
-    def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=None, **kwargs) -> None:
-        # transformers' activation/gradient_checkpointing_enable() land here.
-        self.gradient_checkpointing = enable
 
     def forward(
         self,

@@ -12,7 +12,6 @@ and `image_sizes` [N, 2] (width, height) says which views belong to which image.
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import json
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,7 @@ from mmdlm.config import ConfigError, from_dict, load_yaml
 from mmdlm.encoders.processor import anyres_grid, image_transform
 from mmdlm.encoders.projector import Projector, ProjectorConfig
 from mmdlm.encoders.tower import VisionConfig, VisionTower
-from mmdlm.model import DiffusionLM, DLMConfig
+from mmdlm.model import DiffusionLM, DLMConfig, LMConfig
 
 
 class MMDLMConfig(PretrainedConfig):
@@ -81,9 +80,6 @@ class MMDLM(PreTrainedModel):
             self.vision.eval()
         return self
 
-    def set_activation_checkpointing(self, enable: bool = True) -> None:
-        self.lm.set_activation_checkpointing(enable)
-
     def image_transform(self):
         """Return the tower's preprocessing: PIL image -> FloatTensor [3, H, W]."""
         return image_transform(self.vision)
@@ -126,7 +122,7 @@ class MMDLM(PreTrainedModel):
             raise ValueError(f"pixel_values holds {features.shape[0]} views, the image sizes call for {views}")
         parts = features.split(views)
         return torch.cat([self.anyres.merge(part, size, self.projector.image_newline)
-                          for part, size in zip(parts, sizes)])  # fmt: skip
+                          for part, size in zip(parts, sizes)])
 
     def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
               image_features: torch.Tensor | None = None, image_sizes: torch.Tensor | None = None) -> torch.Tensor:
@@ -145,7 +141,7 @@ class MMDLM(PreTrainedModel):
             counts = []
         elif image_features.dim() == 2:  # any resolution: merged tokens of all images, [sum T, D]
             counts = ([self.image_tokens(s) for s in image_sizes.tolist()] if image_sizes is not None
-                      else [image_features.shape[0]])  # fmt: skip
+                      else [image_features.shape[0]])
         else:
             counts = [image_features.shape[1]] * image_features.shape[0]
         self._check_runs(is_image, counts)
@@ -222,13 +218,11 @@ class ModelConfig:
 
     vision: VisionConfig = dataclasses.field(default_factory=VisionConfig)
     projector: ProjectorConfig = dataclasses.field(default_factory=ProjectorConfig)
-    lm: dict[str, Any] = dataclasses.field(default_factory=dict)  # DLMConfig fields
+    lm: LMConfig = dataclasses.field(default_factory=LMConfig)
     lm_path: str | None = None  # a converted LLaDA folder (mmdlm-convert-llada) or any DiffusionLM folder
 
 
-# DLMConfig's own arguments and the token ids transformers keeps as generic config attributes.
-LM_KEYS = frozenset(inspect.signature(DLMConfig.__init__).parameters) - {"self", "kwargs"} | {
-    "eos_token_id", "pad_token_id", "bos_token_id"}
+LM_KEYS = frozenset(f.name for f in dataclasses.fields(LMConfig))
 
 
 def build_model(spec: str | Path | dict | ModelConfig, vocab_size: int | None = None,
@@ -241,9 +235,6 @@ def build_model(spec: str | Path | dict | ModelConfig, vocab_size: int | None = 
     where = str(spec)[:80] if isinstance(spec, (str, Path)) else "model config"
     if not isinstance(spec, ModelConfig):
         spec = from_dict(ModelConfig, spec if isinstance(spec, dict) else load_yaml(spec), where)
-    unknown = sorted(set(spec.lm) - LM_KEYS)
-    if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {unknown} in lm; known: {sorted(LM_KEYS)}")
     lm = None
     if spec.lm_path:
         if not (Path(spec.lm_path) / "config.json").is_file():
@@ -255,13 +246,13 @@ def build_model(spec: str | Path | dict | ModelConfig, vocab_size: int | None = 
         if mask_token_id is not None:
             lm.config.mask_token_id = mask_token_id
         lm_cfg = {k: v for k, v in lm.config.to_dict().items() if k in LM_KEYS}
-        differ = {k: (v, lm_cfg.get(k)) for k, v in spec.lm.items()
+        differ = {k: (v, lm_cfg.get(k)) for k, v in spec.lm.given().items()
                   if k not in ("vocab_size", "mask_token_id") and lm_cfg.get(k) != v}
         if differ:
             raise ConfigError(f"{where}: lm sizes disagree with lm_path={spec.lm_path!r} "
                               f"(yaml, folder): {differ}; drop them from lm or fix them")
     else:
-        lm_cfg = dict(spec.lm)
+        lm_cfg = spec.lm.given()
         if vocab_size is not None:
             lm_cfg["vocab_size"] = vocab_size
         if mask_token_id is not None:

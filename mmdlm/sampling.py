@@ -1,19 +1,22 @@
 """The masked-diffusion sampler: a canvas of mask tokens after a prefix, unmasked step by step.
 
+`generate` is LLaDA's semi-autoregressive loop: the canvas is split into blocks, and each block
+is unmasked over a number of steps, each step one forward of the model that predicts every masked
+position and commits the most confident predictions. With the defaults it reproduces LLaDA's
+reference `generate` bit for bit (same draws from the global RNG, in the same order and shapes).
 Text-only by design: the prefix arrives as token ids or as embeddings (an image's projected
-features spliced into the prompt), the canvas is token ids, and the model is any callable with
-DiffusionLM's signature. With the defaults it reproduces LLaDA's reference `generate` bit for bit
-(same draws from the global RNG, in the same order and shapes).
+features spliced into the prompt), and the model is any callable with DiffusionLM's signature.
 
-One loop serves every option, each a switch:
-- which tokens a step commits: LLaDA's fixed schedule (`steps`), or Fast-dLLM's parallel rules:
-  every masked token of the block whose confidence >= `threshold`, or the `factor` rule; both
-  commit at least the most confident token per forward;
-- what "confidence" is: probability of the chosen token, top-2 margin, or exp(-entropy) (Dimple);
-- early stop: a row is finished once a stop token is committed with every position before it
-  filled; its tail is dropped and it leaves the batch, so later blocks are never computed for it;
-- which positions a forward recomputes (`cache`): all of them, only the canvas (exact prefix
-  cache, prefix-DLM attention), or only the current block (Fast-dLLM DualCache, approximate).
+Every option hangs off that loop as a small named helper:
+- `_window`: which positions a forward recomputes (`cache`): all of them, only the canvas (exact
+  prefix cache, prefix-DLM attention), or only the current block (Fast-dLLM DualCache, approximate);
+- `_predict`: the predicted token and its confidence per position: probability of the chosen
+  token, top-2 margin, or exp(-entropy) (Dimple); Gumbel noise at a temperature; CFG;
+- `_commit_rule`: which predictions a step commits: LLaDA's fixed schedule (`steps`), or
+  Fast-dLLM's parallel rules (every one with confidence >= `threshold`, or the `factor` rule),
+  both at least the most confident one per forward;
+- `_retire`: early stop: a row is finished once a stop token is committed with every position
+  before it filled; its tail is dropped and it leaves the batch, so later blocks never run for it.
 Rows of a batch move through the blocks together (a row that has filled its block waits, and
 commits nothing); left-padded rows get their unpadded RoPE positions, so a row's tokens do not
 depend on its batch. `commit_step` records when each token was committed (for --show-steps).
@@ -21,15 +24,32 @@ depend on its batch. `commit_step` records when each token was committed (for --
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
 
 from mmdlm.cache import KVCache
+from mmdlm.config import check_choices
+from mmdlm.decoding import (
+    Prompt,
+    SampleOutput,
+    add_gumbel_noise,
+    answer_lengths,
+    finished,
+    first_stop,
+    read_prompt,
+)
 
-CONFIDENCES = ("probability", "margin", "entropy")
-CACHES = ("none", "prefix", "block")
+Remasking = Literal["low_confidence", "random"]
+Confidence = Literal["probability", "margin", "entropy"]
+Cache = Literal["none", "prefix", "block"]
+CONFIDENCES, CACHES = get_args(Confidence), get_args(Cache)
+
+__all__ = ["SampleOutput", "SamplerConfig", "add_gumbel_noise", "confidence_of", "generate", "parallel_count",
+           "tokens_per_step"]
 
 
 @dataclass
@@ -39,14 +59,14 @@ class SamplerConfig:
     steps: int = 128  # over the whole canvas, split evenly over the blocks; unused by the parallel rules
     temperature: float = 0.0
     cfg_scale: float = 0.0
-    remasking: str = "low_confidence"  # or "random"
+    remasking: Remasking = "low_confidence"  # LLaDA's rule, or "random" (its baseline)
     threshold: float | None = None  # Fast-dLLM: commit every block token with confidence >= threshold
     factor: float | None = None  # Fast-dLLM factor rule: top n while (n + 1)(1 - c_n) <= factor
-    confidence: str = "probability"  # or "margin" (top-2) or "entropy" (exp(-H), ranks as -H)
+    confidence: Confidence = "probability"  # or "margin" (top-2) or "entropy" (exp(-H), ranks as -H)
     early_stop: bool = False  # stop a row once a stop token is committed and all before it is filled
     eos_id: int | None = None  # a stop token, and what fills a dropped tail
     stop_ids: tuple[int, ...] = ()  # further stop tokens (end of turn)
-    cache: str = "none"  # "prefix" (exact, needs prefix_dlm) or "block" (DualCache, approximate)
+    cache: Cache = "none"  # "prefix" (exact, needs prefix_dlm: see with_cache) or "block" (DualCache, approximate)
     prefix_dlm: bool = False  # prefix queries attend only the prefix (the model's prefix_len=)
     # LLaDA-V's rule: these ids may never be chosen at a masked position (its BOS, EOS and header ids)
     suppress_ids: tuple[int, ...] = ()
@@ -56,8 +76,18 @@ class SamplerConfig:
     def parallel(self) -> bool:
         return self.threshold is not None or self.factor is not None
 
+    def with_cache(self, cache: Cache) -> SamplerConfig:
+        """Return a copy that uses `cache`; the prefix cache brings the prefix-DLM attention it needs.
+
+        The one rule: the prefix cache is exact only when prefix queries never attend to the answer
+        (prefix-DLM attention), so asking for it switches that attention on; `validate` refuses a
+        config that has one without the other.
+        """
+        return replace(self, cache=cache, prefix_dlm=self.prefix_dlm or cache == "prefix")
+
     def validate(self) -> None:
         """Raise ValueError naming the inconsistent options."""
+        check_choices(self)
         if self.gen_length <= 0 or self.block_length <= 0 or self.steps <= 0:
             raise ValueError(f"gen_length, block_length and steps must be positive, got {self}")
         if self.gen_length % self.block_length:
@@ -65,8 +95,6 @@ class SamplerConfig:
         num_blocks = self.gen_length // self.block_length
         if not self.parallel and self.steps % num_blocks:
             raise ValueError(f"steps={self.steps} is not divisible by the number of blocks ({num_blocks})")
-        if self.remasking not in ("low_confidence", "random"):
-            raise ValueError(f"remasking={self.remasking!r} must be 'low_confidence' or 'random'")
         if self.threshold is not None and self.factor is not None:
             raise ValueError("set threshold or factor, not both")
         if self.threshold is not None and not 0 < self.threshold <= 1:
@@ -75,28 +103,11 @@ class SamplerConfig:
             raise ValueError(f"factor={self.factor} must be positive")
         if self.parallel and self.remasking != "low_confidence":
             raise ValueError("threshold/factor decoding ranks by confidence: use remasking='low_confidence'")
-        if self.confidence not in CONFIDENCES:
-            raise ValueError(f"confidence={self.confidence!r} must be one of {CONFIDENCES}")
         if self.early_stop and self.eos_id is None:
             raise ValueError("early_stop needs eos_id (the token that ends an answer and fills its tail)")
-        if self.cache not in CACHES:
-            raise ValueError(f"cache={self.cache!r} must be one of {CACHES}")
         if self.cache == "prefix" and not self.prefix_dlm:
-            raise ValueError("the prefix cache is exact only with prefix-DLM attention: set prefix_dlm=True")
-
-
-@dataclass
-class SampleOutput:
-    tokens: torch.Tensor  # [B, gen_length] the filled canvas; after an early stop the tail holds eos_id
-    forward_passes: int  # model calls for the batch (a CFG step counts once: one batched call)
-    commit_step: torch.Tensor  # [B, gen_length] forward (1-based) that committed each position; 0 given, -1 dropped
-    row_forwards: torch.Tensor  # [B] forwards each row took part in (rows leave the batch when they stop)
-    lengths: torch.Tensor  # [B] position of the first stop token (the answer's length), gen_length if none
-
-    @property
-    def tokens_per_forward(self) -> float:
-        """Tokens the model committed per forward it ran, over the batch (dropped tails excluded)."""
-        return (self.commit_step > 0).sum().item() / max(self.row_forwards.sum().item(), 1)
+            raise ValueError("the prefix cache is exact only with prefix-DLM attention: set prefix_dlm=True "
+                             "(SamplerConfig.with_cache('prefix') does)")
 
 
 def tokens_per_step(num_masked: torch.Tensor, steps: int) -> torch.Tensor:
@@ -104,19 +115,6 @@ def tokens_per_step(num_masked: torch.Tensor, steps: int) -> torch.Tensor:
     base = num_masked[:, None] // steps
     extra = torch.arange(steps, device=num_masked.device)[None, :] < (num_masked[:, None] % steps)
     return base + extra.long()
-
-
-def add_gumbel_noise(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Return scores whose argmax is a sample at `temperature` (the logits themselves at 0).
-
-    float64 matters: in low precision the exponentials underflow and sampling turns greedy
-    (LLaDA's observation). exp(l) / (-log u)^T is the Gumbel-max trick, written as LLaDA writes it.
-    """
-    if temperature == 0:
-        return logits
-    logits = logits.to(torch.float64)
-    noise = torch.rand_like(logits)
-    return logits.exp() / (-torch.log(noise)) ** temperature
 
 
 def confidence_of(logits: torch.Tensor, chosen: torch.Tensor, kind: str) -> torch.Tensor:
@@ -151,59 +149,66 @@ def parallel_count(confidence: torch.Tensor, threshold: float | None, factor: fl
     return passes.long().cumprod(1).sum(1)
 
 
-def stopped(canvas: torch.Tensor, mask_id: int, stop_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return (done [B], first stop position [B] or G): rows with a stop token before their first hole."""
-    filled = (canvas != mask_id).long().cumprod(1).bool()  # [B, G] positions before the first hole
-    hit = torch.isin(canvas, stop_ids)
-    first = torch.where(hit.any(1), hit.long().argmax(1), canvas.shape[1])
-    return (hit & filled).any(1), first
-
-
 @dataclass
 class _Rows:
     """The rows still being generated; every per-row tensor, so a finished row leaves them all."""
 
     index: torch.Tensor  # [n] row in the caller's batch
-    x: torch.Tensor  # [n, P+G] tokens (prefix ids or placeholders, canvas)
-    step: torch.Tensor  # [n, P+G] commit step per position (0 given, -1 still masked)
-    is_prefix: torch.Tensor  # [n, P+G] positions that belong to the prompt
+    tokens: torch.Tensor  # [n, P+G] the prompt (ids, or placeholders for embeddings), then the canvas
+    commit_step: torch.Tensor  # [n, P+G] forward that committed each position (0 given, -1 still masked)
+    is_prompt: torch.Tensor  # [n, P+G] positions of the prompt, never committed
     key_mask: torch.Tensor | None  # [n, P+G] False = left padding
     position_ids: torch.Tensor | None  # [n, P+G] RoPE positions of the unpadded rows
     prefix_embeds: torch.Tensor | None  # [n, P, D]
-    schedule: torch.Tensor | None = None  # [n, steps per block] LLaDA's tokens per step
+    schedule: torch.Tensor | None = None  # [n, steps per block] LLaDA's tokens per step in the current block
 
     def select(self, keep: torch.Tensor) -> _Rows:
-        fields = {k: None if v is None else v[keep] for k, v in vars(self).items()}
-        return _Rows(**fields)
+        return _Rows(**{k: None if v is None else v[keep] for k, v in vars(self).items()})
 
 
-def _forward(model, rows: _Rows, a: int, b: int, P: int, config: SamplerConfig, mask_id: int, cache, fill: bool,
-             skip: int = 0):
-    """Return logits [n, b-a-skip, V] for positions a+skip..b-1; keys outside [a, b) come from `cache`."""
-    n_copies = 2 if config.cfg_scale > 0 else 1
-    ids = rows.x[:, a:b]
-    if n_copies == 2:  # unconditional row: the prompt replaced by masks
-        ids = torch.cat([ids, torch.where(rows.is_prefix[:, a:b], mask_id, ids)])
-    kwargs = {"logits_from": skip} if skip else {}
-    if rows.key_mask is not None:
-        kwargs["attention_mask"] = rows.key_mask.repeat(n_copies, 1)
-        kwargs["position_ids"] = rows.position_ids[:, a:b].repeat(n_copies, 1)
-    if config.prefix_dlm and a < P:  # queries after the prefix see every key anyway: no mask, a faster kernel
-        kwargs["prefix_len"] = P
-    if cache is not None:
-        kwargs.update(cache=cache, start=a, fill_cache=fill)
-    if rows.prefix_embeds is not None and a < P:  # windows start at 0 or at/after the prefix
-        embed = model.get_input_embeddings()
-        prefix = rows.prefix_embeds.repeat(n_copies, 1, 1)
-        if n_copies == 2:
-            prefix[len(rows.index) :] = embed(torch.full_like(ids[len(rows.index) :, :P], mask_id))
-        logits = model(inputs_embeds=torch.cat([prefix, embed(ids[:, P:])], dim=1), **kwargs)
+@dataclass
+class _Run:
+    """One `generate` call: what every forward shares, and the output the finished rows are written to."""
+
+    model: Callable
+    config: SamplerConfig
+    mask_id: int
+    prefix_len: int  # P
+    stop_ids: torch.Tensor  # [k]
+    cache: KVCache | None
+    tokens: torch.Tensor  # [B, G] the output canvas
+    commit_step: torch.Tensor  # [B, G]
+    row_forwards: torch.Tensor  # [B]
+    forward_passes: int = 0
+
+
+@dataclass(frozen=True)
+class _Window:
+    """The positions [start, end) one forward runs; the keys and values of the others come from the cache."""
+
+    start: int
+    end: int
+    logits_from: int  # the first position whose logits are computed (start <= logits_from < end)
+    fill_cache: bool  # store this forward's keys/values: the cache is empty, or refreshed at a block start
+
+
+def _start_rows(prompt: Prompt, mask_id: int, canvas: torch.Tensor | None, gen_length: int) -> _Rows:
+    """Return every row before the first step: its prompt, then a canvas of mask ids (or the template `canvas`)."""
+    B, P, G = prompt.batch_size, prompt.length, gen_length
+    tokens = torch.full((B, P + G), mask_id, dtype=torch.long, device=prompt.device)  # [B, P+G]
+    if canvas is not None:
+        if canvas.shape[-1] != G:
+            raise ValueError(f"canvas has {canvas.shape[-1]} positions, gen_length is {G}")
+        tokens[:, P:] = canvas
+    is_prompt = torch.zeros_like(tokens, dtype=torch.bool)
+    if prompt.ids is not None:
+        tokens[:, :P] = prompt.ids
+        is_prompt[:, :P] = prompt.ids != mask_id  # masks written into the prompt stay fillable, as in LLaDA
     else:
-        logits = model(input_ids=ids, **kwargs)
-    if n_copies == 2:
-        cond, uncond = logits.chunk(2)
-        logits = uncond + (config.cfg_scale + 1) * (cond - uncond)
-    return logits
+        is_prompt[:, :P] = True
+    commit_step = torch.where(tokens == mask_id, -1, 0)
+    return _Rows(torch.arange(B, device=prompt.device), tokens, commit_step, is_prompt, prompt.key_mask,
+                 prompt.position_ids, prompt.embeds)
 
 
 @torch.no_grad()
@@ -216,114 +221,151 @@ def generate(
     prefix_embeds: torch.Tensor | None = None,
     attention_mask: torch.Tensor | None = None,
     canvas: torch.Tensor | None = None,
+    on_forward=None,
 ) -> SampleOutput:
     """Return the generated canvas [B, gen_length] after `prefix_ids [B, P]` or `prefix_embeds [B, P, D]`.
 
     attention_mask [B, P] marks real prefix tokens (False = left padding). `canvas` [B or 1,
     gen_length] is a template: its mask ids are holes to fill, every other token stays fixed.
+    `on_forward(row index [n], canvas [n, G], commit_step [n, G])`, if given, sees after every forward the rows
+    that took part in it (read-only views; committed tokens never change): a server streams answers from it.
     """
     config.validate()
-    if (prefix_ids is None) == (prefix_embeds is None):
-        raise ValueError("pass exactly one of prefix_ids or prefix_embeds")
-    prefix = prefix_ids if prefix_ids is not None else prefix_embeds
-    B, P = prefix.shape[:2]
-    device = prefix.device
-    G = config.gen_length
-    x = torch.full((B, P + G), mask_id, dtype=torch.long, device=device)  # [B, P+G] token view
-    if canvas is not None:
-        if canvas.shape[-1] != G:
-            raise ValueError(f"canvas has {canvas.shape[-1]} positions, gen_length is {G}")
-        x[:, P:] = canvas
-    is_prefix = torch.zeros_like(x, dtype=torch.bool)
-    if prefix_ids is not None:
-        x[:, :P] = prefix_ids
-        is_prefix[:, :P] = prefix_ids != mask_id  # masks written into the prompt stay fillable, as in LLaDA
-    else:
-        is_prefix[:, :P] = True
-    prompt_holes = bool((x[:, :P] == mask_id).any()) and prefix_ids is not None
+    prompt = read_prompt(prefix_ids, prefix_embeds, attention_mask, config.gen_length,
+                         (config.eos_id, *config.stop_ids))
+    rows = _start_rows(prompt, mask_id, canvas, config.gen_length)
+    P, G = prompt.length, config.gen_length
+    # Mask ids inside the prompt are holes too (LLaDA fills them): then every step may commit from position 0.
+    prompt_holes = prompt.ids is not None and bool((prompt.ids == mask_id).any())
     if prompt_holes and config.cache != "none":
         raise ValueError("the prompt holds mask tokens, which a cached prefix cannot refill: pass them as `canvas`")
-    key_mask = position_ids = None
-    if attention_mask is not None and not attention_mask.bool().all():
-        key_mask = torch.cat([attention_mask.bool(), attention_mask.new_ones(B, G).bool()], dim=1)  # [B, P+G]
-        position_ids = (key_mask.long().cumsum(1) - 1).clamp(min=0)  # a padded row keeps its unpadded RoPE
-    step = torch.where(x == mask_id, -1, 0)
-    rows = _Rows(torch.arange(B, device=device), x, step, is_prefix, key_mask, position_ids, prefix_embeds)
-    stop_ids = torch.tensor([i for i in (config.eos_id, *config.stop_ids) if i is not None], device=device)
-    suppress = torch.tensor(config.suppress_ids, device=device) if config.suppress_ids else None
-
-    out_tokens, out_step = x[:, P:].clone(), step[:, P:].clone()
-    row_forwards = torch.zeros(B, dtype=torch.long, device=device)
-    cache = None if config.cache == "none" else KVCache()
-    forward_passes = 0
-
-    def retire(done: torch.Tensor) -> None:  # write finished rows out, dropping their tails
-        tokens, steps = rows.x[done, P:], rows.step[done, P:]
-        if config.early_stop:
-            tail = torch.arange(G, device=device) > stopped(tokens, mask_id, stop_ids)[1][:, None]
-            tokens, steps = tokens.masked_fill(tail, config.eos_id), steps.masked_fill(tail, -1)
-        out_tokens[rows.index[done]], out_step[rows.index[done]] = tokens, steps
-
-    num_blocks = G // config.block_length
-    steps_per_block = config.steps // num_blocks
-    for block in range(num_blocks):
-        lo, hi = P + block * config.block_length, P + (block + 1) * config.block_length
-        first = 0 if prompt_holes else lo  # the positions this block may commit: [first, hi)
+    run = _Run(model, config, mask_id, P, prompt.stop_ids, None if config.cache == "none" else KVCache(),
+               rows.tokens[:, P:].clone(), rows.commit_step[:, P:].clone(),
+               torch.zeros(prompt.batch_size, dtype=torch.long, device=prompt.device))
+    steps_per_block = config.steps // (G // config.block_length)
+    for start in range(P, P + G, config.block_length):
+        end = start + config.block_length
+        first = 0 if prompt_holes else start  # this block's steps commit positions [first, end)
         if not config.parallel:
-            rows.schedule = tokens_per_step((rows.x[:, lo:hi] == mask_id).sum(1), steps_per_block)
-        i = 0
+            rows.schedule = tokens_per_step((rows.tokens[:, start:end] == mask_id).sum(1), steps_per_block)
+        step = 0
         while len(rows.index) and (
-            (rows.x[:, lo:hi] == mask_id).any() if config.parallel else i < steps_per_block
+            (rows.tokens[:, start:end] == mask_id).any() if config.parallel else step < steps_per_block
         ):
-            # The window of positions recomputed: all, or (cached) the canvas / the current block.
-            refresh = cache is not None and (cache.length == 0 or (config.cache == "block" and i == 0))
-            if cache is None or refresh:
-                a, b = (P if config.prefix_dlm and cache is not None and cache.length else 0), P + G
-            else:
-                a, b = (P, P + G) if config.cache == "prefix" else (lo, hi)
-            # Greedy low-confidence decoding draws nothing over the window: the logits before `first` are never read.
-            skip = first - a if config.temperature == 0 and config.remasking == "low_confidence" else 0
-            logits = _forward(model, rows, a, b, P, config, mask_id, cache, refresh, skip)  # [n, b-a-skip, V]
-            a += skip
-            forward_passes += 1
-            row_forwards[rows.index] += 1
-            # Noise over the whole window (LLaDA draws it so), then only [first, hi) matters.
-            scores = add_gumbel_noise(logits, config.temperature)[:, first - a : hi - a]
-            window = logits[:, first - a : hi - a]  # [n, hi-first, V]
-            if suppress is not None:  # only masked positions are ever committed: the rule may cover them all
-                scores = scores.index_fill(-1, suppress, -torch.inf)
-                window = window.index_fill(-1, suppress, -torch.inf)
-            if config.parallel:  # a committed mask id would stay a hole, and the block never fill
-                scores = scores.index_fill(-1, torch.tensor([mask_id], device=device), -torch.inf)
-            x0 = scores.argmax(-1)  # [n, hi-first]
-            if config.remasking == "low_confidence":
-                conf = confidence_of(window.double() if config.float64_confidence else window, x0, config.confidence)
-            else:
-                conf = torch.rand(logits.shape[:2], device=device)[:, first - a : hi - a]
-            region = rows.x[:, first:hi]  # a view: writes land in rows.x
-            masked = (region == mask_id) & ~rows.is_prefix[:, first:hi]
-            conf = torch.where(masked, conf, -torch.inf)
-            if config.parallel:
-                count = torch.minimum(parallel_count(conf, config.threshold, config.factor), masked.sum(1))
-            else:
-                count = rows.schedule[:, i]
-            commit = torch.zeros_like(masked)
-            top = conf.topk(int(count.max()), dim=1).indices  # [n, k] the most confident first
-            commit.scatter_(1, top, torch.arange(top.shape[1], device=device) < count[:, None])
-            commit &= masked
-            region[commit] = x0[commit]
-            rows.step[:, first:hi][commit] = forward_passes
-            i += 1
+            window = _window(run, step, start, end, first)
+            logits = _logits(run, rows, window)  # [n, end of window - logits_from, V]
+            run.forward_passes += 1
+            run.row_forwards[rows.index] += 1
+            chosen, confidence = _predict(run, logits, window, first, end)  # [n, end - first] each
+            holes = (rows.tokens[:, first:end] == mask_id) & ~rows.is_prompt[:, first:end]
+            commit = _commit_rule(config, confidence, holes, None if config.parallel else rows.schedule[:, step])
+            rows.tokens[:, first:end][commit] = chosen[commit]
+            rows.commit_step[:, first:end][commit] = run.forward_passes
+            step += 1
+            if on_forward is not None:
+                on_forward(rows.index, rows.tokens[:, P:], rows.commit_step[:, P:])
             if config.early_stop:
-                done = stopped(rows.x[:, P:], mask_id, stop_ids)[0]
+                done = finished(rows.tokens[:, P:], mask_id, run.stop_ids)
                 if done.any():
-                    retire(done)
-                    keep = (~done).nonzero().squeeze(1)
-                    if cache is not None:  # CFG rows sit after the conditional ones
-                        n = len(rows.index)
-                        cache = cache.select(keep if config.cfg_scale == 0 else torch.cat([keep, keep + n]))
-                    rows = rows.select(keep)
+                    rows = _retire(run, rows, done)
+        # Here the block [start, end) is committed: every row still in the batch has filled it.
     if len(rows.index):
-        retire(torch.ones(len(rows.index), dtype=torch.bool, device=device))
-    lengths = stopped(out_tokens, mask_id, stop_ids)[1] if len(stop_ids) else torch.full((B,), G, device=device)
-    return SampleOutput(out_tokens, forward_passes, out_step, row_forwards, lengths)
+        _retire(run, rows, torch.ones(len(rows.index), dtype=torch.bool, device=prompt.device))
+    return SampleOutput(run.tokens, run.forward_passes, run.commit_step, run.row_forwards,
+                        answer_lengths(run.tokens, run.stop_ids))
+
+
+def _window(run: _Run, step: int, block_start: int, block_end: int, first: int) -> _Window:
+    """Return the window of a step's forward: every position, or with a cache the canvas (prefix) or the block."""
+    config, cache, P = run.config, run.cache, run.prefix_len
+    refresh = cache is not None and (cache.length == 0 or (config.cache == "block" and step == 0))
+    if cache is None or refresh:  # all positions, bar a prefix whose exact keys are cached already
+        start, end = (P if config.prefix_dlm and cache is not None and cache.length else 0), P + config.gen_length
+    elif config.cache == "prefix":
+        start, end = P, P + config.gen_length
+    else:  # DualCache: the block; prefix and suffix keys stay as they were at the block's start
+        start, end = block_start, block_end
+    # Greedy low-confidence decoding draws nothing over the window: logits before `first` are never read.
+    greedy = config.temperature == 0 and config.remasking == "low_confidence"
+    return _Window(start, end, first if greedy else start, refresh)
+
+
+def _logits(run: _Run, rows: _Rows, window: _Window) -> torch.Tensor:
+    """Return logits [n, window.end - window.logits_from, V], guided by classifier-free guidance when cfg_scale > 0."""
+    config, P, mask_id = run.config, run.prefix_len, run.mask_id
+    start, end = window.start, window.end
+    copies = 2 if config.cfg_scale > 0 else 1
+    ids = rows.tokens[:, start:end]
+    if copies == 2:  # the unconditional copy: the prompt replaced by masks
+        ids = torch.cat([ids, torch.where(rows.is_prompt[:, start:end], mask_id, ids)])
+    kwargs = {"logits_from": window.logits_from - start} if window.logits_from > start else {}
+    if rows.key_mask is not None:
+        kwargs["attention_mask"] = rows.key_mask.repeat(copies, 1)
+        kwargs["position_ids"] = rows.position_ids[:, start:end].repeat(copies, 1)
+    if config.prefix_dlm and start < P:  # queries after the prefix see every key anyway: no mask, a faster kernel
+        kwargs["prefix_len"] = P
+    if run.cache is not None:
+        kwargs.update(cache=run.cache, start=start, fill_cache=window.fill_cache)
+    if rows.prefix_embeds is not None and start < P:  # windows start at 0 or at/after the prefix
+        embed = run.model.get_input_embeddings()
+        prefix = rows.prefix_embeds.repeat(copies, 1, 1)  # [copies*n, P, D]
+        if copies == 2:
+            prefix[len(rows.index) :] = embed(torch.full_like(ids[len(rows.index) :, :P], mask_id))
+        logits = run.model(inputs_embeds=torch.cat([prefix, embed(ids[:, P:])], dim=1), **kwargs)
+    else:
+        logits = run.model(input_ids=ids, **kwargs)
+    if copies == 2:
+        cond, uncond = logits.chunk(2)
+        logits = uncond + (config.cfg_scale + 1) * (cond - uncond)
+    return logits
+
+
+def _predict(run: _Run, logits: torch.Tensor, window: _Window, first: int, end: int):
+    """Return (predicted token, its confidence), each [n, end - first], for the positions [first, end)."""
+    config = run.config
+    lo, hi = first - window.logits_from, end - window.logits_from  # [first, end) within the logits
+    scores = add_gumbel_noise(logits, config.temperature)[:, lo:hi]  # noise over the whole window, as LLaDA draws it
+    logits_in = logits[:, lo:hi]  # [n, end - first, V]
+    if config.suppress_ids:  # only masked positions are ever committed: the rule may cover them all
+        suppress = torch.tensor(config.suppress_ids, device=logits.device)
+        scores = scores.index_fill(-1, suppress, -torch.inf)
+        logits_in = logits_in.index_fill(-1, suppress, -torch.inf)
+    if config.parallel:  # a committed mask id would stay a hole, and the block never fill
+        scores = scores.index_fill(-1, torch.tensor([run.mask_id], device=logits.device), -torch.inf)
+    chosen = scores.argmax(-1)  # [n, end - first]
+    if config.remasking == "random":
+        return chosen, torch.rand(logits.shape[:2], device=logits.device)[:, lo:hi]
+    return chosen, confidence_of(logits_in.double() if config.float64_confidence else logits_in, chosen,
+                                 config.confidence)
+
+
+def _commit_rule(config: SamplerConfig, confidence: torch.Tensor, holes: torch.Tensor,
+                 scheduled: torch.Tensor | None) -> torch.Tensor:
+    """Return [n, W] bool: the holes a step commits, the most confident first.
+
+    LLaDA's schedule commits `scheduled` [n] per row; Fast-dLLM's rules commit what passes them.
+    """
+    confidence = torch.where(holes, confidence, -torch.inf)
+    if config.parallel:
+        count = torch.minimum(parallel_count(confidence, config.threshold, config.factor), holes.sum(1))
+    else:
+        count = scheduled
+    commit = torch.zeros_like(holes)
+    top = confidence.topk(int(count.max()), dim=1).indices  # [n, k] the most confident first
+    commit.scatter_(1, top, torch.arange(top.shape[1], device=holes.device) < count[:, None])
+    return commit & holes
+
+
+def _retire(run: _Run, rows: _Rows, done: torch.Tensor) -> _Rows:
+    """Write the `done` rows to the output (with early stop, the tail after the stop token dropped); return the rest."""
+    P, config = run.prefix_len, run.config
+    tokens, steps = rows.tokens[done, P:], rows.commit_step[done, P:]
+    if config.early_stop:
+        tail = torch.arange(config.gen_length, device=tokens.device) > first_stop(tokens, run.stop_ids)[:, None]
+        tokens, steps = tokens.masked_fill(tail, config.eos_id), steps.masked_fill(tail, -1)
+    run.tokens[rows.index[done]], run.commit_step[rows.index[done]] = tokens, steps
+    keep = (~done).nonzero().squeeze(1)
+    if run.cache is not None and len(keep):  # CFG rows sit after the conditional ones
+        n = len(rows.index)
+        run.cache = run.cache.select(keep if config.cfg_scale == 0 else torch.cat([keep, keep + n]))
+    return rows.select(keep)

@@ -31,10 +31,10 @@ ROOT = Path(__file__).resolve().parents[1]
 STEPS, ROWS = 3, 4
 # A ViT tower (LayerNorm): a BatchNorm tower in training normalises over the batch, so its rows are not
 # independent and "the batch's loss = its rows' losses" could not hold exactly.
-SMALL = ["model_overrides=[lm.hidden_size=32, lm.intermediate_size=64, lm.num_hidden_layers=2, "
-         "lm.num_attention_heads=2, lm.num_key_value_heads=1, vision.model=vit_tiny_patch16_224, vision.image_size=32, "
-         "'vision.overrides={depth: 2, embed_dim: 48, num_heads: 2}', vision.feature_layer=-2, "
-         "projector.pool=1]"]
+SMALL = [f"model.{field}" for field in (
+    "lm.hidden_size=32", "lm.intermediate_size=64", "lm.num_hidden_layers=2", "lm.num_attention_heads=2",
+    "lm.num_key_value_heads=1", "vision.model=vit_tiny_patch16_224", "vision.image_size=32",
+    "vision.overrides={depth: 2, embed_dim: 48, num_heads: 2}", "vision.feature_layer=-2", "projector.pool=1")]
 
 
 def text_only(sample: dict) -> dict:

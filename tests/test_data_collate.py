@@ -62,7 +62,7 @@ def test_sft_batch_contract(tokenizer, ids):
             {"from": "human", "value": "user"}, {"from": "gpt", "value": "assistant"},
             {"from": "human", "value": "red"}, {"from": "gpt", "value": "blue blue blue blue blue blue"}]},
         qa("What colour is the circle?", "blue", image("red"), image("blue")),
-    ]  # fmt: skip
+    ]
     batch = Collator(tokenizer, transform, N_IMAGE, max_length=200)(samples)
     assert set(batch) == {"input_ids", "pixel_values", "attention_mask", "maskable", "prompt_length"}
     B, L = batch["input_ids"].shape
@@ -208,7 +208,7 @@ def test_dataloader_over_llava_with_a_corrupt_image(tmp_path, tokenizer):
     (tmp_path / "b.png").write_bytes(b"corrupt")
     entries = [{"id": str(i), "image": name, "conversations": [{"from": "human", "value": "What colour?"},
                                                                {"from": "gpt", "value": "red"}]}
-               for i, name in enumerate(["a.png", "b.png", "a.png"])]  # fmt: skip
+               for i, name in enumerate(["a.png", "b.png", "a.png"])]
     (tmp_path / "qa.json").write_text(json.dumps(entries))
     collator = Collator(tokenizer, transform, N_IMAGE, max_length=64)
     loader = torch.utils.data.DataLoader(LlavaDataset(tmp_path / "qa.json", on_error="skip"), 3, collate_fn=collator)

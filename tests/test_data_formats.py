@@ -125,7 +125,7 @@ def test_llava_dataset_image_forms(tmp_path):
             {"from": "human", "value": "First <image> then <image>: same?"}, {"from": "gpt", "value": "no"},
             {"from": "human", "value": "Sure?"}, {"from": "gpt", "value": "yes"}]},
         {"id": "text", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "hello"}]},
-    ]  # fmt: skip
+    ]
     data = LlavaDataset(write_set(tmp_path, entries))
     assert len(data) == 3
     one, two, text = data[0], data[1], data[2]
@@ -137,7 +137,7 @@ def test_llava_dataset_image_forms(tmp_path):
 
 def test_llava_missing_image_names_entry_and_path(tmp_path):
     entries = [{"id": 17, "image": "img/3.jpg", "conversations": [{"from": "human", "value": "<image>\nQ"},
-                                                                  {"from": "gpt", "value": "A"}]}]  # fmt: skip
+                                                                  {"from": "gpt", "value": "A"}]}]
     with pytest.raises(DataError, match=r"qa.json entry id=17: image 'img/3.jpg' not found under .+"):
         LlavaDataset(write_set(tmp_path, entries))
 
@@ -164,7 +164,7 @@ def test_llava_conversation_without_answer(tmp_path):
 def test_llava_corrupt_image(tmp_path):
     (tmp_path / "bad.jpg").write_bytes(b"\xff\xd8\xff\xe0 definitely not a jpeg")
     entries = [{"id": "c", "image": "bad.jpg", "conversations": [{"from": "human", "value": "Q"},
-                                                                 {"from": "gpt", "value": "A"}]}]  # fmt: skip
+                                                                 {"from": "gpt", "value": "A"}]}]
     data = LlavaDataset(write_set(tmp_path, entries))
     with pytest.raises(DataError, match=r"qa.json entry id=c: image 'bad.jpg' unreadable"):
         data[0]
@@ -178,7 +178,7 @@ def test_check_clean_and_broken_json(tmp_path, tokenizer_dir, capsys):
     solid((0, 0, 0)).save(tmp_path / "ok.png")
     (tmp_path / "bad.png").write_bytes(b"garbage")
     good = {"id": "g", "image": "ok.png", "conversations": [{"from": "human", "value": "Q?"},
-                                                            {"from": "gpt", "value": "A"}]}  # fmt: skip
+                                                            {"from": "gpt", "value": "A"}]}
     assert main(["check", str(write_set(tmp_path, [good], "good.json"))]) == 0
     assert "entries=1, turns=2, images=1, text-only=0; 0 problem(s)" in capsys.readouterr().out
     broken = [

@@ -29,7 +29,7 @@ def make_docs(n, start=0):
         {"id": f"doc.{i}", "segments": [{"text": f"doc {i} begins"}, {"image": solid(colours[i % 3])},
                                         {"text": "then"}, {"image": png_bytes(solid((9, 9, 9), (4, 6)))}]}
         for i in range(start, start + n)
-    ]  # fmt: skip
+    ]
 
 
 def read_all(urls, **kw):

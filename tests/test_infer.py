@@ -138,7 +138,7 @@ def test_question_and_caption_answer_in_one_line(model_dir, images, capsys, tmp_
 def test_llava_file_in_batches_then_evaluate(model_dir, images, tmp_path, capsys):
     entries = [{"id": f"q{k}", "image": f"{k}.png", "conversations": [
         {"from": "human", "value": "<image>\n" + "what colour is the circle?" * (k + 1)},
-        {"from": "gpt", "value": "red"}]} for k in range(3)]  # fmt: skip
+        {"from": "gpt", "value": "red"}]} for k in range(3)]
     qa = images / "qa.json"
     qa.write_text(json.dumps(entries))
     questions_only = images / "questions.json"  # no reference answers: still answerable
@@ -207,7 +207,7 @@ def test_template_and_too_long_prompt_errors(model_dir, images, capsys):
                            ({"id": "e2", "conversations": [{"from": "human", "value": "<image>"}]},
                             "entry id=e2: 1 '<image>' placeholder(s) in the text but 0 image(s)"),
                            ({"id": "e3", "conversations": [{"from": "human", "value": " "}]},
-                            "entry id=e3: no question to answer")]:  # fmt: skip
+                            "entry id=e3: no question to answer")]:
         bad.write_text(json.dumps([entry]))
         assert main(["--model", str(model_dir), "--input", str(bad)]) == 2
         assert message in one_error_line(capsys)
@@ -225,20 +225,20 @@ def test_benchmark_runs_both_modes(model_dir, twin_dir, images, tmp_path, capsys
     from mmdlm.infer import benchmark
 
     assert benchmark.main(["--prefix-tokens", "8", "--hidden-size", "64", "--layers", "1", "--limit", "1",
-                           "--repeats", "1", *one_thread]) == 0  # fmt: skip
+                           "--repeats", "1", *one_thread]) == 0
     out = capsys.readouterr().out
     assert "| prefix cache (exact) |" in out and out.count("x | 100% |") >= 3  # the exact cache: same tokens
     test = tmp_path / "world" / "test"
     test.mkdir(parents=True)
     for name, question, answer in (("qa.json", "what colour?", "red"), ("captions.json", "Describe the image.",
-                                                                         "a red circle")):  # fmt: skip
+                                                                         "a red circle")):
         entries = [{"id": f"{k}", "image": str(images / f"{k}.png"), "conversations": [
             {"from": "human", "value": "<image>\n" + question}, {"from": "gpt", "value": answer}]} for k in range(2)]
         (test / name).write_text(json.dumps(entries))
     plot = tmp_path / "frontier.png"
     assert benchmark.main(["--model", str(model_dir), "--data", str(tmp_path / "world"), "--limit", "1",
                            "--repeats", "1", "--plot", str(plot), "--baseline", str(twin_dir),
-                           *one_thread]) == 0  # fmt: skip
+                           *one_thread]) == 0
     out = capsys.readouterr().out
     assert "| vanilla (1 token/step) |" in out and "| + prefix cache + threshold + early stop |" in out
     assert out.count("| + block cache + threshold + early stop |") == 2  # the fast cache for a short prefix
@@ -250,7 +250,7 @@ def test_benchmark_refuses_a_diffusion_model_as_baseline(model_dir, tmp_path, ca
     from mmdlm.infer import benchmark
 
     code = benchmark.main(["--model", str(model_dir), "--baseline", str(model_dir), "--data", str(tmp_path),
-                           "--limit", "1", *one_thread])  # fmt: skip
+                           "--limit", "1", *one_thread])
     assert code == 2
     err = capsys.readouterr().err
     assert "is not an autoregressive twin" in err and "Traceback" not in err

@@ -90,7 +90,7 @@ def test_prompt_embeddings_logits_and_generate(model, fixture, spec, expected, k
         noisy = model.embed(prompt_ids(model, sample, "denoise_input_ids"), pixel_values, image_sizes=sizes)
         torch.testing.assert_close(noisy[0], expected[f"sample{k}.denoise_inputs_embeds"], **CLOSE)
         torch.testing.assert_close(model.lm(inputs_embeds=noisy)[0], expected[f"sample{k}.denoise_logits"],
-                                   atol=1e-4, rtol=0)  # fmt: skip
+                                   atol=1e-4, rtol=0)
     kwargs = dict(spec["generate_kwargs"])
     mask_id = kwargs.pop("mask_id")
     config = SamplerConfig(**kwargs, **model.config.sampler)

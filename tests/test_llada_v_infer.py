@@ -40,7 +40,7 @@ def test_prompt_and_answer_equal_llada_v(converted, llada_v_folder, spec, k):
     assert answerer.prompt_ids(turns, [image]) == want  # system turn, chat template, image run: LLaDA-V's
     s = answerer.special
     vanilla = SamplerConfig(gen_length=8, block_length=8, steps=8, eos_id=s.eos, stop_ids=(s.eot,),
-                            **answerer.sampler_defaults)  # fmt: skip
+                            **answerer.sampler_defaults)
     answer = answerer.answer([turns], [[image]], vanilla)[0]
     assert answer.pieces == [answerer.tokenizer.decode([t]) for t in sample["generated_ids"]]
     assert answer.forward_passes == 8
@@ -49,7 +49,7 @@ def test_prompt_and_answer_equal_llada_v(converted, llada_v_folder, spec, k):
 @pytest.mark.parametrize("options", [
     [], ["--threshold", "0", "--steps", "8", "--gen-length", "8", "--no-early-stop"], ["--cache", "prefix"],
     ["--cache", "block"], ["--factor", "2"], ["--confidence", "margin"], ["--temperature", "0.5"],
-])  # fmt: skip
+])
 def test_every_sampler_and_cache_option_answers(converted, llada_v_folder, options, capsys):
     image = llada_v_folder / "image_b.png"
     assert main(["--model", str(converted), "--image", str(image), "--question", "Describe it.", *options]) == 0
@@ -61,7 +61,7 @@ def test_batched_anyres_images_equal_alone(converted, llada_v_folder):
     answerer = Answerer(*load_model(converted))
     s = answerer.special
     config = SamplerConfig(gen_length=8, block_length=8, threshold=0.9, early_stop=True, eos_id=s.eos,
-                           stop_ids=(s.eot,), **answerer.sampler_defaults)  # fmt: skip
+                           stop_ids=(s.eot,), **answerer.sampler_defaults)
     turns = [[{"from": "human", "value": "<image>\nWhat is it?"}]] * 2
     images = [[load_image(llada_v_folder / "image_a.png")], [load_image(llada_v_folder / "image_b.png")]]
     together = answerer.answer(turns, images, config)
@@ -100,7 +100,7 @@ def test_fine_tune_converted_model(converted, llada_v_folder, tmp_path):
         cmd = [sys.executable, "-m", "mmdlm.train", "--config", "configs/train/finetune.yaml"]
         env = {**__import__("os").environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
         proc = subprocess.run([*cmd, *[a for s in sets for a in ("--set", s)]], cwd=root, env=env,
-                              capture_output=True, text=True, timeout=300)  # fmt: skip
+                              capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
         after = load_file(str(tmp_path / name / "model" / "model.safetensors"))
         assert not torch.equal(after["lm.layers.0.attn.q_proj.weight"], before["lm.layers.0.attn.q_proj.weight"])

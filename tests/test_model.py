@@ -113,9 +113,12 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         model = tiny().train()
         if ckpt:
             model.set_activation_checkpointing()
+            assert model.gradient_checkpointing
         model(ids).logsumexp(-1).mean().backward()
         grads.append(model.layers[0].attn.q_proj.weight.grad.clone())
     torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=0)
+    model.set_activation_checkpointing(False)
+    assert not model.gradient_checkpointing
 
 
 def test_save_load_round_trip_is_exact(tmp_path):

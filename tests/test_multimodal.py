@@ -151,7 +151,7 @@ def test_lm_path_loads_the_language_model(tmp_path):
 
 
 def test_config_errors_name_the_entry():
-    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['hiden_size'\] in lm"):
+    with pytest.raises(ConfigError, match=r"lm: unknown key\(s\) \['hiden_size'\] for LMConfig"):
         build_model(dict(vision=TIMM_VIT, lm=dict(LM, hiden_size=8)))
     with pytest.raises(ConfigError, match="image_token_id=420 is outside the LM vocabulary of 420"):
         build_model(dict(vision=TIMM_VIT, lm=LM), image_token_id=420)

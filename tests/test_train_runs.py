@@ -26,8 +26,8 @@ from mmdlm.train.export import export_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
-SMALL = ("model_overrides=[lm.hidden_size=32, lm.intermediate_size=64, lm.num_hidden_layers=2, "
-         "lm.num_attention_heads=2, lm.num_key_value_heads=1, vision.model=resnet10t]")
+SMALL = ["model.lm.hidden_size=32", "model.lm.intermediate_size=64", "model.lm.num_hidden_layers=2",
+         "model.lm.num_attention_heads=2", "model.lm.num_key_value_heads=1", "model.vision.model=resnet10t"]
 LAUNCHER = [sys.executable, "-m", "deepspeed.launcher.runner"]
 
 pytestmark = pytest.mark.slow
@@ -62,7 +62,7 @@ def sets(world: Path, out: Path, *extra: str) -> list[str]:
              "optim.warmup_steps=10", "data.log_sample_ids=true", "ar_warmup_steps=2",  # both phases
              "data.fractions=[]", *extra]
     if not any(e.startswith("init_from=") for e in extra):  # a saved folder brings its own shape
-        items.append(SMALL)
+        items += SMALL
     return [arg for s in items for arg in ("--set", s)]
 
 

@@ -1,19 +1,21 @@
 """The training layer's parts in one process: configs, data order, schedule, optimizer groups, guard, files."""
 
+import dataclasses
+import inspect
 import json
 from pathlib import Path
 
 import pytest
 import torch
 
-from mmdlm.config import ConfigError, load_config
+from mmdlm.config import ConfigError, load_config, load_yaml
 from mmdlm.data.errors import DataError
-from mmdlm.model import DiffusionLM, DLMConfig
+from mmdlm.model import DiffusionLM, DLMConfig, LMConfig
 from mmdlm.multimodal import MMDLM, build_model
 from mmdlm.train import export as export_mod
 from mmdlm.train.build import deepspeed_config, lr_lambda, param_groups
 from mmdlm.train.checkpoint import MARKER, TrainState, _prune, check_fresh_start, complete_checkpoints
-from mmdlm.train.config import TrainConfig
+from mmdlm.train.config import DataConfig, TrainConfig, load_train_config
 from mmdlm.train.export import merge_lora, write_model_folder
 from mmdlm.train.loader import ResumableBatchSampler, advance, start_position, take_fractions
 from mmdlm.train.metrics import MetricsLog, NonFiniteGuard, TrainingDiverged
@@ -102,7 +104,7 @@ def test_schedule_warms_up_then_decays_to_the_floor():
 
 @pytest.mark.parametrize("stage", STAGES)
 def test_stage_configs_load_and_differ_only_in_data_and_modules(stage):
-    cfg = load_config(TrainConfig, ROOT / f"configs/train/{stage}.yaml")
+    cfg = load_train_config(ROOT / f"configs/train/{stage}.yaml")
     cfg.validate()
     expected = {"align": ["projector"], "demo_sft": ["projector", "lm"], "pretrain": ["projector", "lm"],
                 "sft": ["vision", "projector", "lm"], "finetune": ["vision", "projector", "lm"]}
@@ -132,20 +134,58 @@ def test_deepspeed_files_hold_only_zero_settings_and_get_concrete_numbers():
 def test_bad_configs_are_named(tmp_path):
     with pytest.raises(ConfigError, match="unknown key"):
         load_config(TrainConfig, ROOT / "configs/train/demo_sft.yaml", ["optim.learning_rate=1"])
-    for override, message in [("trainable=[decoder]", "unknown modules"), ("grad_accum=0", "grad_accum"),
+    for override, message in [("grad_accum=0", "grad_accum"),
                               ("deepspeed=nope.json", "nope.json"), ("data.shards=x.tar", "exactly one"),
                               ("optim.lr_multipliers={tower: 0.1}", "lr_multipliers"),
-                              ("mask_schedule=cosine", "mask_schedule"), ("data.sft_padding=pad", "sft_padding"),
                               ("ar_warmup_steps=-1", "ar_warmup_steps"),
                               ("data.group_by_file=-5", "group_by_file"),
                               ("objective=autoregressive", "need objective=diffusion")]:  # demo_sft warms up with AR
         cfg = load_config(TrainConfig, ROOT / "configs/train/demo_sft.yaml", [override])
         with pytest.raises(ConfigError, match=message):
             cfg.validate()
+    # Choices (Literal fields) are refused by the loader, and by validate() for a config built in code.
+    for override, message in [("trainable=[decoder]", r"trainable='decoder' must be one of \('vision', "),
+                              ("mask_schedule=cosine", r"mask_schedule='cosine' must be one of \('ratio', 'count'\)"),
+                              ("data.sft_padding=pad", r"data.sft_padding='pad' must be one of"),
+                              ("model.lm.attention=sideways", r"model.lm.attention='sideways' must be one of")]:
+        with pytest.raises(ConfigError, match=message):
+            load_config(TrainConfig, ROOT / "configs/train/demo_sft.yaml", [override])
+    with pytest.raises(ConfigError, match=r"precision='fp8' must be one of \('auto', 'fp32', 'bf16'\)"):
+        TrainConfig(precision="fp8").validate()
+    # The model section: finetune starts from the demo's saved folder, so a model change there is
+    # refused; the old model_overrides form names the new one.
+    with pytest.raises(ConfigError, match="init_from='runs/demo/sft/model' builds the model from its own"):
+        load_train_config(ROOT / "configs/train/finetune.yaml", ["model.lm.attention=causal"])
+    with pytest.raises(ConfigError, match=r"model_overrides is gone: .*--set model.lm.hidden_size=32"):
+        load_train_config(ROOT / "configs/train/demo_sft.yaml", ["model_overrides=[lm.attention=causal]"])
+    old = tmp_path / "old.yaml"
+    old.write_text("model: configs/model/tiny.yaml\nmodel_overrides: [lm.num_hidden_layers=1]\n")
+    with pytest.raises(ConfigError, match="model_overrides is gone"):
+        load_train_config(old)
+    with pytest.raises(ConfigError, match="no model: set model"):
+        TrainConfig(data=DataConfig(json=["x.json"]), deepspeed=str(ROOT / "configs/deepspeed/zero2.json")).validate()
     auto = tmp_path / "auto.json"
     auto.write_text(json.dumps({"zero_optimization": {"stage": 2}, "gradient_clipping": "auto"}))
     with pytest.raises(ConfigError, match="auto"):
         deepspeed_config(TrainConfig(deepspeed=str(auto)), 1)
+
+
+def test_model_section_is_a_file_a_mapping_or_both():
+    """`model:` names a model YAML; `--set model.lm.x=v` changes one field of it; `base:` + changes in YAML."""
+    tiny = load_yaml(ROOT / "configs/model/tiny.yaml")
+    cfg = load_train_config(ROOT / "configs/train/demo_sft.yaml", ["model.lm.hidden_size=32"])
+    assert cfg.model.lm.hidden_size == 32 and cfg.model.lm.num_hidden_layers == tiny["lm"]["num_hidden_layers"]
+    assert cfg.model.vision.model == tiny["vision"]["model"] and cfg.model.projector.grid == tiny["projector"]["grid"]
+    assert cfg.model.lm.rms_norm_eps is None  # not in the YAML: DLMConfig's default applies
+    caption = load_train_config(ROOT / "configs/train/demo_tower_caption.yaml")
+    assert (caption.model.lm.num_hidden_layers, caption.model.lm.attention) == (1, "causal")
+    assert caption.model.lm.hidden_size == tiny["lm"]["hidden_size"] and caption.model.vision == cfg.model.vision
+    swapped = load_train_config(ROOT / "configs/train/demo_sft.yaml",
+                                ["model=configs/model/llada-8b-siglip.yaml", "model.lm.num_hidden_layers=2"])
+    assert (swapped.model.lm.hidden_size, swapped.model.lm.num_hidden_layers) == (4096, 2)
+    # The LM section names DLMConfig's fields exactly (plus the token ids transformers keeps).
+    params = set(inspect.signature(DLMConfig.__init__).parameters) - {"self", "kwargs"}
+    assert {f.name for f in dataclasses.fields(LMConfig)} == params | {"eos_token_id", "pad_token_id", "bos_token_id"}
 
 
 def test_overrides_take_numbers_as_people_write_them():

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import torch
 
-from mmdlm.config import ConfigError, apply_overrides, from_dict, load_yaml
+from mmdlm.config import ConfigError
 from mmdlm.data.llava import read_json_list
 from mmdlm.data.template import ROLES, image_position_of
 from mmdlm.data.tokenizer import load_tokenizer, special_ids
-from mmdlm.multimodal import MMDLM, ModelConfig, build_model
+from mmdlm.multimodal import MMDLM, build_model
 from mmdlm.train.config import MODULES, TrainConfig
 
 
@@ -40,8 +40,7 @@ def build(cfg: TrainConfig, conversations: list[list[dict]] | None = None):
     if cfg.init_from:
         model = MMDLM.from_pretrained(cfg.init_from)
     else:
-        spec = from_dict(ModelConfig, apply_overrides(load_yaml(cfg.model), list(cfg.model_overrides)), cfg.model)
-        model = build_model(spec, vocab_size=max(len(tokenizer), spec.lm.get("vocab_size", 0)),
+        model = build_model(cfg.model, vocab_size=max(len(tokenizer), cfg.model.lm.vocab_size or 0),
                             image_token_id=ids.image, mask_token_id=ids.mask)
     if cfg.init_vision_from:
         load_vision(model.vision, Path(cfg.init_vision_from))
@@ -58,6 +57,8 @@ def build(cfg: TrainConfig, conversations: list[list[dict]] | None = None):
     model.lm.config.mask_token_id = ids.mask
     for name in MODULES:
         getattr(model, name).requires_grad_(name in cfg.trainable)
+    if cfg.activation_checkpointing:
+        model.lm.set_activation_checkpointing(True)
     if cfg.lora.r > 0:
         from peft import LoraConfig, get_peft_model
 
@@ -67,8 +68,6 @@ def build(cfg: TrainConfig, conversations: list[list[dict]] | None = None):
         if added:  # new token rows must learn: the embedding tables train beside the adapters
             for table in (model.lm.get_input_embeddings(), model.lm.get_output_embeddings()):
                 table.requires_grad_(True)
-    if cfg.activation_checkpointing:
-        model.set_activation_checkpointing(True)
     if cfg.compile:
         (model.lm.get_base_model() if cfg.lora.r > 0 else model.lm).compile_blocks()
     return tokenizer, model.train()

@@ -1,20 +1,25 @@
 """Training configuration: one dataclass tree, filled from configs/train/*.yaml and `--set` overrides.
 
 Stages (align, pretrain, sft, finetune) are YAML files over this one schema, not code branches:
-they differ in data, in which modules train (`trainable`) and in where the weights start.
+they differ in data, in which modules train (`trainable`) and in where the weights start. The
+model config is a section of it: `model: configs/model/tiny.yaml` reads that file, and
+`--set model.lm.hidden_size=32` changes one of its fields.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal, get_args
 
-from mmdlm.config import ConfigError
-from mmdlm.data.collate import SFT_PADDINGS
-from mmdlm.data.errors import ON_ERROR
-from mmdlm.diffusion import SCHEDULES
+from mmdlm.config import ConfigError, check_choices, load_config, load_yaml
+from mmdlm.data.collate import SftPadding
+from mmdlm.data.errors import OnError
+from mmdlm.diffusion import Schedule
+from mmdlm.multimodal import ModelConfig
 
-MODULES = ("vision", "projector", "lm")
+Module = Literal["vision", "projector", "lm"]
+MODULES = get_args(Module)
 
 
 @dataclass
@@ -31,7 +36,7 @@ class DataConfig:
     log_sample_ids: bool = False  # write <output_dir>/samples/rank<r>.jsonl: the ids of every micro-batch
     # SFT padding after each answer: "eos" = LLaDA's EOS runs, attended and targets; "mask" = one EOS
     # target, then mask tokens that are attended but never targets (see data/collate.py).
-    sft_padding: str = "eos"
+    sft_padding: SftPadding = "eos"
     # Batches by data file: each epoch's order is cut into groups of this many samples, each ordered by
     # file, so a batch mostly holds one file's rows (short VQA rows are not padded to a caption's
     # length) in random order (train/loader.py). 0 = off.
@@ -39,7 +44,7 @@ class DataConfig:
     # Answer words the tokenizer splits into 3+ pieces become tokens of their own (train/build.py:
     # add_answer_tokens): for small tokenizers, like the demo's, fine-tuned on new words.
     answer_tokens: bool = False
-    on_error: str = "stop"  # a broken JSON entry: stop (with its name) or skip (one warning line, counted)
+    on_error: OnError = "stop"  # a broken JSON entry: stop (with its name) or skip (one warning line, counted)
 
 
 @dataclass
@@ -64,17 +69,18 @@ class LoraConfig:
 
 @dataclass
 class TrainConfig:
-    model: str = "configs/model/tiny.yaml"  # model YAML for a new model
+    # A new model: a model YAML (configs/model/*.yaml) or its content; `--set model.lm.hidden_size=32`
+    # changes one field. Unused with init_from, which rebuilds the saved model from its config.json.
+    model: ModelConfig | None = None
     init_from: str | None = None  # a saved model folder to start from (align -> sft, finetune)
-    trainable: list[str] = field(default_factory=lambda: ["projector", "lm"])  # of: vision, projector, lm
-    objective: str = "diffusion"  # or "autoregressive" (the causal twin; needs lm.attention: causal)
-    model_overrides: list[str] = field(default_factory=list)  # `--set`-style overrides of the model YAML
+    trainable: list[Module] = field(default_factory=lambda: ["projector", "lm"])
+    objective: Literal["diffusion", "autoregressive"] = "diffusion"  # autoregressive: the causal twin
     # The tower's weights from another run's model folder (the tower-pretraining stage): every
     # `vision.*` tensor of its safetensors replaces the new model's.
     init_vision_from: str | None = None
     # "ratio": t ~ U(eps, 1], each token masked with probability t, weight 1/t (LLaDA's training);
     # "count": l ~ U{1..L} tokens masked, weight L/l (LLaDA's eq. 6; lower variance on short answers).
-    mask_schedule: str = "ratio"
+    mask_schedule: Schedule = "ratio"
     # Autoregressive help for the diffusion model, on the same weights with causal attention:
     # the first `ar_warmup_steps` steps train next-token prediction only (Dimple's AR-then-diffusion),
     # and `ar_loss_weight` > 0 adds that loss to every diffusion step (joint AR + diffusion).
@@ -89,7 +95,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     deepspeed: str = "configs/deepspeed/zero2.json"  # ZeRO settings; numbers come from this config
-    precision: str = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     micro_batch_size: int = 16  # per rank
     grad_accum: int = 1
     max_steps: int = 300  # optimizer steps
@@ -105,22 +111,14 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise ConfigError naming the field and the fix when the config cannot run."""
-        unknown = set(self.trainable) - set(MODULES)
-        if unknown:
-            raise ConfigError(f"trainable={self.trainable}: unknown modules {sorted(unknown)} (of {list(MODULES)})")
+        check_choices(self)
         unknown = set(self.optim.lr_multipliers) - set(MODULES)
         if unknown:
             raise ConfigError(f"optim.lr_multipliers: unknown modules {sorted(unknown)} (of {list(MODULES)})")
-        if self.objective not in ("diffusion", "autoregressive"):
-            raise ConfigError(f"objective={self.objective!r} must be 'diffusion' or 'autoregressive'")
         if self.data.fractions and (len(self.data.fractions) != len(self.data.json)
                                     or not all(0 < f <= 1 for f in self.data.fractions)):
             raise ConfigError(f"data.fractions={self.data.fractions} needs one number in (0, 1] per data.json file "
                               f"({len(self.data.json)} given); --set data.fractions=[] uses every file whole")
-        if self.mask_schedule not in SCHEDULES:
-            raise ConfigError(f"mask_schedule={self.mask_schedule!r} must be one of {SCHEDULES}")
-        if self.data.sft_padding not in SFT_PADDINGS:
-            raise ConfigError(f"data.sft_padding={self.data.sft_padding!r} must be one of {SFT_PADDINGS}")
         if self.ar_warmup_steps < 0 or self.ar_loss_weight < 0:
             raise ConfigError("ar_warmup_steps and ar_loss_weight must be >= 0")
         if (self.ar_warmup_steps or self.ar_loss_weight) and self.objective != "diffusion":
@@ -132,10 +130,6 @@ class TrainConfig:
                               "files only (shards stream in order)")
         if self.data.answer_tokens and not self.data.json:
             raise ConfigError("data.answer_tokens reads the answers of data.json conversations: set data.json")
-        if self.data.on_error not in ON_ERROR:
-            raise ConfigError(f"data.on_error={self.data.on_error!r} must be one of {ON_ERROR}")
-        if self.precision not in ("auto", "fp32", "bf16"):
-            raise ConfigError(f"precision={self.precision!r} must be auto, fp32 or bf16")
         for name in ("micro_batch_size", "grad_accum", "max_steps", "log_every", "max_nonfinite", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)} must be >= 1")
@@ -143,8 +137,21 @@ class TrainConfig:
             raise ConfigError("save_every and lora.r must be >= 0")
         if not Path(self.deepspeed).is_file():
             raise ConfigError(f"deepspeed={self.deepspeed!r}: file not found (see configs/deepspeed/*.json)")
-        if self.init_from is None and not Path(self.model).is_file():
-            raise ConfigError(f"model={self.model!r}: file not found; give a configs/model/*.yaml or init_from")
-        if self.init_from is not None and self.model_overrides:
-            raise ConfigError(f"model_overrides={self.model_overrides} edit the model YAML, but init_from="
-                              f"{self.init_from!r} builds the model from its own config.json: drop one of them")
+        if self.init_from is None and self.model is None:
+            raise ConfigError("no model: set model (a configs/model/*.yaml, e.g. model: configs/model/tiny.yaml) "
+                              "or init_from (a saved model folder)")
+
+
+def load_train_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:
+    """Return the TrainConfig of a YAML file and `--set` overrides, refusing model changes a run would ignore."""
+    overrides = list(overrides or [])
+    keys = [item.split("=", 1)[0].strip() for item in overrides]
+    if "model_overrides" in keys or (path is not None and "model_overrides" in load_yaml(path)):
+        raise ConfigError("model_overrides is gone: set a model field directly, e.g. --set model.lm.hidden_size=32 "
+                          "(in YAML: model: {base: configs/model/tiny.yaml, lm: {hidden_size: 32}})")
+    cfg = load_config(TrainConfig, path, overrides)
+    changed = [key for key in keys if key.startswith("model.")]
+    if cfg.init_from is not None and changed:
+        raise ConfigError(f"--set {changed[0]} changes the model config, but init_from={cfg.init_from!r} builds the "
+                          "model from its own config.json: drop one of them")
+    return cfg

@@ -33,7 +33,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from mmdlm.config import ConfigError, from_dict, load_config, load_yaml
+from mmdlm.config import ConfigError, load_config
 from mmdlm.data.llava import LlavaDataset
 from mmdlm.data.scenes import CELL_ATTRIBUTES, GRID, cell_labels
 from mmdlm.encoders.processor import image_transform
@@ -45,7 +45,7 @@ from mmdlm.train.build import load_vision
 
 @dataclass
 class TowerConfig:
-    model: str = "configs/model/tiny.yaml"  # the model YAML whose `vision` part is pretrained here
+    model: ModelConfig | None = None  # the model (a configs/model/*.yaml) whose `vision` part is pretrained here
     train: list[str] = field(default_factory=lambda: ["runs/demo/world/train/captions.json"])
     val: str | None = "runs/demo/world/val/captions.json"
     batch_size: int = 64
@@ -62,6 +62,8 @@ class TowerConfig:
     def validate(self) -> None:
         if self.batch_size < 1 or self.max_steps < 1:
             raise ConfigError("batch_size and max_steps must be >= 1")
+        if self.model is None:
+            raise ConfigError("no model: set model to a configs/model/*.yaml, e.g. model: configs/model/tiny.yaml")
 
 
 class CellHeads(nn.Module):
@@ -121,9 +123,9 @@ def evaluate(tower: VisionTower, heads: CellHeads, loader: DataLoader) -> dict[s
 def pretrain(cfg: TowerConfig) -> Path:
     """Train the tower and its cell heads; return the folder holding vision.safetensors."""
     torch.manual_seed(cfg.seed)
-    tower = VisionTower(from_dict(ModelConfig, load_yaml(cfg.model), cfg.model).vision)
+    tower = VisionTower(cfg.model.vision)
     if tower.cfg.frozen and not cfg.probe:
-        raise ConfigError(f"{cfg.model}: vision.frozen is true; a tower that pretrains must train (or set probe)")
+        raise ConfigError("model.vision.frozen is true; a tower that pretrains must train (or set probe)")
     if cfg.init_vision_from:
         load_vision(tower, Path(cfg.init_vision_from))
     heads = CellHeads(tower.hidden_size)

@@ -7,6 +7,9 @@
 Data flow: YAML -> TrainConfig -> tokenizer + model (frozen parts, LoRA; train/build.py) ->
 DeepSpeed engine; batches from train/loader.py; loss from mmdlm/diffusion.py; checkpoints in
 train/checkpoint.py; export in train/export.py; metrics in train/metrics.py.
+
+The shape of `train`: `setup` once, then `train_step` (one optimizer step over `grad_accum`
+micro-batches) until `max_steps`, checkpointing every `save_every`, then `finish` (export).
 """
 
 from __future__ import annotations
@@ -16,12 +19,15 @@ import json
 import os
 import socket
 import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TextIO
 
 import torch
 import torch.distributed as dist
 
-from mmdlm.config import load_config, to_dict
+from mmdlm.config import to_dict
 from mmdlm.data.collate import Collator
 from mmdlm.data.tokenizer import special_ids
 from mmdlm.diffusion import masked_diffusion_loss, next_token_loss
@@ -29,7 +35,7 @@ from mmdlm.errors import report_user_errors
 from mmdlm.multimodal import MMDLM
 from mmdlm.train import checkpoint
 from mmdlm.train.build import build, deepspeed_config, make_optimizer, read_conversations
-from mmdlm.train.config import TrainConfig
+from mmdlm.train.config import TrainConfig, load_train_config
 from mmdlm.train.export import export
 from mmdlm.train.loader import build_loader
 from mmdlm.train.metrics import MetricsLog, NonFiniteGuard, StepStats, finite_everywhere
@@ -85,11 +91,12 @@ def parse_args(argv: list[str] | None) -> tuple[TrainConfig, bool]:
     parser = argparse.ArgumentParser(description="Train an MMDLM under DeepSpeed.")
     parser.add_argument("--config", required=True, help="configs/train/*.yaml")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config field, e.g. --set optim.lr=5e-4 (repeatable)")
+                        help="override a config field, e.g. --set optim.lr=5e-4 or --set model.lm.hidden_size=32 "
+                             "(repeatable)")
     parser.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    cfg = load_config(TrainConfig, args.config, args.overrides)
+    cfg = load_train_config(args.config, args.overrides)
     cfg.validate()
     return cfg, args.resume
 
@@ -110,8 +117,32 @@ def _record(step: int, stats: dict, engine, lrs: dict[str, float], guard: NonFin
     return record
 
 
-def train(cfg: TrainConfig, resume: bool) -> Path:
-    """Run the training loop; return the exported model folder."""
+@dataclass
+class Run:
+    """What `setup` builds once and every `train_step` uses: the engine, the data and the books kept."""
+
+    cfg: TrainConfig
+    engine: Any  # deepspeed.DeepSpeedEngine around the MMDLM
+    optimizer: torch.optim.Optimizer
+    tokenizer: Any
+    mask_id: int
+    batches: Iterator[dict]
+    state: checkpoint.TrainState  # step, micro-batches consumed, skipped samples: what a resume restores
+    rank: int
+    out: Path
+    log: MetricsLog
+    guard: NonFiniteGuard
+    stats: StepStats
+    samples_log: TextIO | None  # <output_dir>/samples/rank<r>.jsonl with data.log_sample_ids
+    saved_at: int | None  # the step of the newest checkpoint written (or resumed from)
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.out / "checkpoints"
+
+
+def setup(cfg: TrainConfig, resume: bool) -> Run:
+    """Return a Run: process group, model, optimizer and DeepSpeed engine, data, resumed state, logs."""
     import deepspeed
 
     init_distributed()
@@ -121,7 +152,6 @@ def train(cfg: TrainConfig, resume: bool) -> Path:
         checkpoint.check_fresh_start(ckpt_dir)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     tokenizer, model = build(cfg, read_conversations(cfg))
-    mask_id = special_ids(tokenizer).mask
     optimizer, scheduler = make_optimizer(model, cfg)
     ds_config = deepspeed_config(cfg, world)
     found = checkpoint.prepare_resume(ckpt_dir, ds_config) if resume else None  # on this or another world size
@@ -130,7 +160,6 @@ def train(cfg: TrainConfig, resume: bool) -> Path:
     if resume and rank == 0:
         print(f"resuming at step {state.step}" if state.step else f"no complete checkpoint in {ckpt_dir}: "
               "starting at step 0", flush=True)
-    saved_at = state.step if state.step else None
     runs = model.num_image_tokens if model.anyres is None else model.image_tokens  # per image size with anyres
     collator = Collator(tokenizer, model.image_transform(), runs, cfg.data.max_length,
                         mode="sft" if cfg.data.json else "pretrain", sft_padding=cfg.data.sft_padding)
@@ -143,12 +172,18 @@ def train(cfg: TrainConfig, resume: bool) -> Path:
     if cfg.data.log_sample_ids:
         (out / "samples").mkdir(parents=True, exist_ok=True)
         samples_log = (out / "samples" / f"rank{rank}.jsonl").open("a")
-    log = MetricsLog(out, rank == 0, state.step, cfg.max_steps)
-    guard, stats = NonFiniteGuard(cfg.max_nonfinite, state.nonfinite_total), StepStats(engine.device)
+    return Run(cfg, engine, optimizer, tokenizer, special_ids(tokenizer).mask, batches, state, rank, out,
+               MetricsLog(out, rank == 0, state.step, cfg.max_steps), NonFiniteGuard(cfg.max_nonfinite,
+               state.nonfinite_total), StepStats(engine.device), samples_log, state.step if state.step else None)
+
+
+def train_step(run: Run) -> dict:
+    """Run one optimizer step over `grad_accum` finite micro-batches; return its metrics record."""
+    cfg, engine, state = run.cfg, run.engine, run.state
     dtype = next(engine.module.parameters()).dtype
     micro = 0
-    while state.step < cfg.max_steps:
-        batch = next(batches)
+    while micro < cfg.grad_accum:
+        batch = next(run.batches)
         state.batches_consumed += 1
         sample_ids = batch.pop("sample_ids")
         state.skipped_samples += batch.pop("skipped")
@@ -157,35 +192,46 @@ def train(cfg: TrainConfig, resume: bool) -> Path:
         # Masks are a function of (seed, rank, micro-batch index): a resumed run draws exactly the
         # masks the uninterrupted run would have drawn.
         generator = torch.Generator(device=engine.device).manual_seed(
-            cfg.seed * 1_000_003 + rank * 10_007 + state.batches_consumed)
-        loss, t, per_sequence = loss_of(engine, batch, cfg, mask_id, generator, state.step)
-        if samples_log is not None:
-            samples_log.write(json.dumps({"step": state.step + 1, "micro": micro, "ids": sample_ids}) + "\n")
+            cfg.seed * 1_000_003 + run.rank * 10_007 + state.batches_consumed)
+        loss, t, per_sequence = loss_of(engine, batch, cfg, run.mask_id, generator, state.step)
+        if run.samples_log is not None:
+            run.samples_log.write(json.dumps({"step": state.step + 1, "micro": micro, "ids": sample_ids}) + "\n")
         # A non-finite micro-batch is dropped on every rank before its backward, so the step it
         # belonged to is filled by the next micro-batch and no NaN reaches gradients or weights.
-        if not guard.check(finite_everywhere(loss), f"step {state.step + 1}"):
+        if not run.guard.check(finite_everywhere(loss), f"step {state.step + 1}"):
             continue
         engine.backward(loss)
-        lrs = {group["name"]: group["lr"] for group in optimizer.param_groups}  # used by this step
-        engine.step()
-        stats.add(loss, int(batch["attention_mask"].sum()), t, per_sequence)
+        lrs = {group["name"]: group["lr"] for group in run.optimizer.param_groups}  # used by this step
+        engine.step()  # DeepSpeed updates the weights at the last micro-batch of the step
+        run.stats.add(loss, int(batch["attention_mask"].sum()), t, per_sequence)
         micro += 1
-        if micro < cfg.grad_accum:
-            continue
-        micro, state.step = 0, state.step + 1
-        record = _record(state.step, stats.reduce(), engine, lrs, guard, state)
-        log.step(record, write=state.step % cfg.log_every == 0 or state.step == cfg.max_steps)
-        if cfg.save_every and state.step % cfg.save_every == 0:
-            checkpoint.save(engine, ckpt_dir, state, cfg.keep_checkpoints)
-            saved_at = state.step
-    log.close()
-    if samples_log is not None:
-        samples_log.close()
-    if saved_at != state.step:
-        checkpoint.save(engine, ckpt_dir, state, cfg.keep_checkpoints)
-    export_dir = Path(cfg.export_dir or out / "model")
-    export(engine, export_dir, tokenizer, lora_scale=cfg.lora.alpha / cfg.lora.r if cfg.lora.r else None)
-    if rank == 0:
+    state.step += 1
+    return _record(state.step, run.stats.reduce(), engine, lrs, run.guard, state)
+
+
+def train(cfg: TrainConfig, resume: bool) -> Path:
+    """Run the training loop; return the exported model folder."""
+    run = setup(cfg, resume)
+    while run.state.step < cfg.max_steps:
+        record = train_step(run)
+        run.log.step(record, write=run.state.step % cfg.log_every == 0 or run.state.step == cfg.max_steps)
+        if cfg.save_every and run.state.step % cfg.save_every == 0:
+            checkpoint.save(run.engine, run.ckpt_dir, run.state, cfg.keep_checkpoints)
+            run.saved_at = run.state.step
+    return finish(run)
+
+
+def finish(run: Run) -> Path:
+    """Close the logs, save the last checkpoint unless it is saved already, export the model; return its folder."""
+    cfg = run.cfg
+    run.log.close()
+    if run.samples_log is not None:
+        run.samples_log.close()
+    if run.saved_at != run.state.step:
+        checkpoint.save(run.engine, run.ckpt_dir, run.state, cfg.keep_checkpoints)
+    export_dir = Path(cfg.export_dir or run.out / "model")
+    export(run.engine, export_dir, run.tokenizer, lora_scale=cfg.lora.alpha / cfg.lora.r if cfg.lora.r else None)
+    if run.rank == 0:
         print(f"exported {export_dir}", flush=True)
     return export_dir
 

@@ -1,0 +1,190 @@
+"""Load test of mmdlm-serve on this machine: requests/s, latency, errors and the speedup of batching.
+
+    python infer/loadtest.py --model DIR [--clients 32] [--requests 128] [--batch-sizes 1 32]
+    python infer/loadtest.py --url http://127.0.0.1:8000 [--clients 32] [--requests 128]
+
+With --model it starts one server per --batch-sizes entry (mmdlm-serve --max-batch-size B, on a
+free 127.0.0.1 port), sends each the same bounded list of requests from --clients concurrent
+clients, stops it, and prints one table row per server with the speedup over the first row.
+With --url it measures a server already running; only loopback addresses are accepted. The
+requests are the questions of a LLaVA file (--input; default: 16 freshly drawn demo-world
+scenes), every --caption-every-th one a caption; each client gives up on a request after --timeout s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import ipaddress
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.parse
+from pathlib import Path
+
+from mmdlm.data.synthetic import CAPTION_PROMPT, WorldOptions, synthesize_split
+from mmdlm.errors import report_user_errors
+from mmdlm.infer.infer import InferError, llava_requests
+
+
+def loopback(url: str) -> str:
+    """Return `url` without a trailing slash; InferError unless its host is this machine's loopback."""
+    host = urllib.parse.urlsplit(url).hostname or ""
+    try:
+        local = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        local = False
+    if not local:
+        raise InferError(f"--url {url}: the load test only targets this machine (127.0.0.1, localhost, [::1])")
+    return url.rstrip("/")
+
+
+def request_bodies(input_file: str | None, count: int, max_tokens: int, threshold: float,
+                   caption_every: int = 4) -> list[dict]:  # fmt: skip
+    """Return `count` chat requests cycling through the questions of a LLaVA file (its images as data URLs),
+    every `caption_every`-th a caption request instead (0: none)."""
+    if input_file is None:
+        folder = Path(tempfile.mkdtemp(prefix="mmdlm-loadtest-"))
+        synthesize_split(folder, "test", 16, seed=0, options=WorldOptions())
+        input_file = folder / "qa.json"
+    entries = [r for r in llava_requests(input_file, None) if len(r["images"]) == 1]
+    if not entries:
+        raise InferError(f"--input {input_file}: no entry with exactly one image")
+    bodies = []
+    for k in range(count):
+        entry = entries[k % len(entries)]
+        asked = entry["turns"][-1]["value"]
+        caption = caption_every and k % caption_every == caption_every - 1
+        question = CAPTION_PROMPT if caption else asked.replace("<image>", "").strip()
+        url = "data:image/png;base64," + base64.b64encode(Path(entry["images"][0]).read_bytes()).decode()
+        content = [{"type": "text", "text": question}, {"type": "image_url", "image_url": {"url": url}}]
+        if not asked.strip().endswith("<image>"):  # the image where the file puts it (LLaVA: before the text)
+            content.reverse()
+        bodies.append({"model": "mmdlm", "messages": [{"role": "user", "content": content}],
+                       "max_tokens": max_tokens, "threshold": threshold})  # fmt: skip
+    return bodies
+
+
+async def hammer(url: str, bodies: list[dict], clients: int, timeout: float) -> dict:
+    """Send every body once from `clients` concurrent clients; return the measurements."""
+    import httpx
+
+    latencies, batch_sizes, errors, queue = [], [], [], list(reversed(bodies))
+
+    async def client(http):
+        while queue:
+            body = queue.pop()
+            began = time.perf_counter()
+            try:
+                response = await http.post(f"{url}/v1/chat/completions", json=body)
+                if response.status_code != 200:
+                    errors.append(f"HTTP {response.status_code}: {response.text[:200]}")
+                    continue
+                batch_sizes.append(response.json()["mmdlm"]["batch_size"])
+                latencies.append(time.perf_counter() - began)
+            except httpx.HTTPError as error:
+                errors.append(f"{type(error).__name__}: {error}")
+
+    limits = httpx.Limits(max_connections=clients)
+    async with httpx.AsyncClient(timeout=timeout, limits=limits) as http:
+        began = time.perf_counter()
+        await asyncio.gather(*(client(http) for _ in range(clients)))
+        seconds = time.perf_counter() - began
+    latencies.sort()
+    return {"requests": len(bodies), "errors": errors, "seconds": seconds, "rps": len(latencies) / seconds,
+            "p50": statistics.median(latencies) if latencies else float("nan"),
+            "p99": latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))] if latencies else float("nan"),
+            "mean_batch": statistics.mean(batch_sizes) if batch_sizes else 0.0}  # fmt: skip
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(model: str, batch_size: int, threads: int | None, wait: float = 180.0):
+    """Return (process, url) of an mmdlm-serve on a free loopback port, once /health answers."""
+    import httpx
+
+    port = free_port()
+    command = [sys.executable, "-m", "mmdlm.infer.serve", "--model", str(Path(model).resolve()), "--port", str(port),
+               "--max-batch-size", str(batch_size)] + (["--threads", str(threads)] if threads else [])  # fmt: skip
+    # Started outside the checkout, so the installed package is imported; its errors still reach stderr.
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, cwd=tempfile.gettempdir())
+    url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + wait
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise InferError(f"the server for --max-batch-size {batch_size} exited with code {process.returncode}")
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return process, url
+        except httpx.HTTPError:
+            time.sleep(0.5)
+    process.terminate()
+    raise InferError(f"the server did not answer /health within {wait:.0f} s")
+
+
+def table(rows: list[tuple[str, dict]], clients: int) -> str:
+    lines = ["| server | clients | requests | errors | requests/s | p50 latency (s) | p99 latency (s) | mean batch "
+             "| speedup |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    base = rows[0][1]["rps"]
+    for name, m in rows:
+        lines.append(f"| {name} | {clients} | {m['requests']} | {len(m['errors'])} | {m['rps']:.2f} | {m['p50']:.2f} "
+                     f"| {m['p99']:.2f} | {m['mean_batch']:.1f} | {m['rps'] / base:.2f}x |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    target = p.add_mutually_exclusive_group(required=True)
+    target.add_argument("--model", help="model folder: start a server per --batch-sizes entry on 127.0.0.1")
+    target.add_argument("--url", help="a running server on this machine, e.g. http://127.0.0.1:8000")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32], help="--max-batch-size of each server")
+    p.add_argument("--clients", type=int, default=32, help="concurrent clients (at most 256)")
+    p.add_argument("--requests", type=int, default=128, help="requests per server (at most 4096)")
+    p.add_argument("--input", help="LLaVA JSON whose questions and images to send (default: 16 demo-world scenes)")
+    p.add_argument("--caption-every", type=int, default=4, help="every N-th request asks for a caption (0: none)")
+    p.add_argument("--max-tokens", type=int, default=32, help="answer canvas of every request")
+    p.add_argument("--threshold", type=float, default=0.9)
+    p.add_argument("--threads", type=int, help="torch threads of each started server")
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds a client waits for one answer")
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    if not 1 <= args.clients <= 256 or not 1 <= args.requests <= 4096:
+        raise InferError("--clients must be in [1, 256] and --requests in [1, 4096]: the load test is bounded")
+    bodies = request_bodies(args.input, args.requests, args.max_tokens, args.threshold, args.caption_every)
+    warmup = bodies[: min(4, len(bodies))]
+    rows = []
+    targets = [(None, loopback(args.url))] if args.url else [(b, None) for b in args.batch_sizes]
+    for batch_size, url in targets:
+        process = None
+        if url is None:
+            process, url = start_server(args.model, batch_size, args.threads)
+        try:
+            asyncio.run(hammer(url, warmup, len(warmup), args.timeout))
+            measured = asyncio.run(hammer(url, bodies, args.clients, args.timeout))
+        finally:
+            if process is not None:
+                process.terminate()
+                process.wait(timeout=60)
+        for error in measured["errors"][:3]:
+            print(f"error: {error}", file=sys.stderr)
+        rows.append((f"max batch {batch_size}" if batch_size else url, measured))
+    print(table(rows, args.clients))
+    return 1 if any(m["errors"] for _, m in rows) else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return report_user_errors(lambda: run(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

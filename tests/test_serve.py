@@ -1,0 +1,244 @@
+"""mmdlm-serve: OpenAI chat completions, streaming, answers independent of the batch, and bad requests."""
+
+import base64
+import io
+import json
+import os
+import threading
+import time
+from contextlib import contextmanager
+from types import SimpleNamespace
+
+import pytest
+import test_infer as infer_tests
+from PIL import Image
+
+httpx = pytest.importorskip("httpx", reason="the serve extra: pip install -e '.[serve]'")
+uvicorn = pytest.importorskip("uvicorn", reason="the serve extra: pip install -e '.[serve]'")
+
+from mmdlm.infer.batching import Batcher  # noqa: E402
+from mmdlm.infer.chat_request import ImageRules, request_config  # noqa: E402
+from mmdlm.infer.infer import Answerer, load_model  # noqa: E402
+from mmdlm.infer.serve import create_app  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def answerer(tmp_path_factory):
+    folder = infer_tests.saved_model(tmp_path_factory.mktemp("model"), "bidirectional")
+    return Answerer(*load_model(folder))
+
+
+def png_bytes(size=(40, 30), seed=60) -> bytes:
+    buffer = io.BytesIO()
+    Image.effect_noise(size, seed).convert("RGB").save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def data_url(data: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(data).decode()
+
+
+def chat(question: str, url: str | None = None, **options) -> dict:
+    content = [{"type": "text", "text": question}]
+    if url is not None:
+        content.insert(0, {"type": "image_url", "image_url": {"url": url}})
+    return {"model": "tiny", "messages": [{"role": "user", "content": content}], **options}
+
+
+@contextmanager
+def running(app):
+    """Yield the base URL of `app` served by uvicorn on a free 127.0.0.1 port, in a thread."""
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the test server did not start"
+        time.sleep(0.05)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def server(answerer, tmp_path_factory):
+    allowed, outside = tmp_path_factory.mktemp("allowed"), tmp_path_factory.mktemp("outside")
+    (allowed / "scene.png").write_bytes(png_bytes())
+    (outside / "secret.png").write_bytes(png_bytes())
+    (allowed / "link.png").symlink_to(outside / "secret.png")
+    rules = ImageRules(allow_local=allowed, max_pixels=1 << 20)
+    app = create_app(answerer, Batcher(answerer, max_batch_size=8), "tiny", rules, max_tokens=16,
+                     max_request_bytes=200_000)  # fmt: skip
+    with running(app) as url, httpx.Client(base_url=url, timeout=60) as client:
+        yield SimpleNamespace(client=client, allowed=allowed, outside=outside)
+
+
+def test_a_chat_completion_is_infer_py_s_answer(server, answerer):
+    image = png_bytes()
+    response = server.client.post("/v1/chat/completions", json=chat("what colour is it?", data_url(image)))
+    assert response.status_code == 200, response.text
+    body = response.json()
+    config = request_config({}, answerer, 16)
+    turns = [[{"from": "human", "value": "<image>\nwhat colour is it?"}]]
+    expected = answerer.answer(turns, [[Image.open(io.BytesIO(image)).convert("RGB")]], config)[0]
+    assert body["object"] == "chat.completion" and body["choices"][0]["message"] == {"role": "assistant",
+                                                                                     "content": expected.text}
+    assert body["choices"][0]["finish_reason"] == ("stop" if expected.length < 16 else "length")
+    assert body["usage"]["completion_tokens"] == expected.length
+    assert body["usage"]["total_tokens"] == body["usage"]["prompt_tokens"] + expected.length
+    assert body["mmdlm"]["forward_passes"] == expected.forward_passes and body["mmdlm"]["canvas"] == 16
+    assert server.client.get("/v1/models").json()["data"][0]["id"] == "tiny"
+    assert server.client.get("/health").json()["status"] == "ok"
+
+
+def sse_events(response) -> list:
+    events = [line[len("data: ") :] for line in response.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    return [json.loads(e) for e in events[:-1]]
+
+
+def test_streaming_sends_the_answer_in_pieces_then_usage(server):
+    request = chat("Describe the image.", data_url(png_bytes()), max_tokens=32, block_length=8, threshold=0)
+    whole = server.client.post("/v1/chat/completions", json=request).json()
+    with server.client.stream("POST", "/v1/chat/completions", json={**request, "stream": True}) as response:
+        assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
+        events = sse_events(response)
+    assert events[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    deltas = [e["choices"][0]["delta"].get("content", "") for e in events[1:]]
+    assert "".join(deltas) == whole["choices"][0]["message"]["content"] and sum(map(bool, deltas)) >= 2
+    assert all(e["object"] == "chat.completion.chunk" and e["id"] == events[0]["id"] for e in events)
+    last = events[-1]
+    assert last["choices"][0]["finish_reason"] == whole["choices"][0]["finish_reason"]
+    assert (last["usage"], last["mmdlm"]["forward_passes"]) == (whole["usage"], whole["mmdlm"]["forward_passes"])
+    assert all(e["choices"][0]["finish_reason"] is None for e in events[:-1])
+
+
+def test_progress_reports_growing_prefixes_of_the_final_answer(answerer):
+    """on_progress sees committed tokens only: each report extends the last and ends with the answer itself."""
+    config = request_config({"max_tokens": 32, "block_length": 8, "threshold": 0}, answerer, 32)
+    image = Image.new("RGB", (32, 32))
+    prompt = answerer.prompt_ids([{"from": "user", "value": "<image>\nDescribe the image."}], [image])
+    reports = []
+    batcher = Batcher(answerer).start()
+    try:
+        reply = batcher.submit(prompt, [image], config, on_progress=reports.append).result()
+    finally:
+        batcher.close()
+    assert all(later[: len(earlier)] == earlier and len(later) > len(earlier)
+               for earlier, later in zip(reports, reports[1:]))  # fmt: skip
+    assert len(reports) >= 2  # one token per forward over four blocks: the answer arrives in pieces
+    final = reports[-1]
+    assert len(final) == reply.answer.length and answerer.decode(final) == reply.answer.text
+
+
+def test_an_answer_does_not_depend_on_its_batch(answerer):
+    """Four ragged requests decoded in one batch give the tokens each gives alone (temperature 0)."""
+    config = request_config({"max_tokens": 32, "block_length": 16}, answerer, 32)
+    questions = ["how many squares", "what colour is the circle on the left of the square?", "Describe the image.",
+                 "what?"]  # fmt: skip
+    images = [Image.effect_noise((30 + 9 * k, 40), 40 + 20 * k).convert("RGB") for k in range(4)]
+    prompts = [answerer.prompt_ids([{"from": "user", "value": "<image>\n" + q}], [image])
+               for q, image in zip(questions, images)]  # fmt: skip
+    assert len({len(p) for p in prompts}) == 4  # ragged: every row left-padded differently
+    batcher = Batcher(answerer, max_batch_size=8)
+    together = [batcher.submit(p, [im], config) for p, im in zip(prompts, images)]  # queued before the worker starts
+    batcher.start()
+    try:
+        together = [f.result() for f in together]
+        alone = [batcher.submit(p, [im], config).result() for p, im in zip(prompts, images)]
+    finally:
+        batcher.close()
+    assert [r.batch_size for r in together] == [4] * 4 and [r.batch_size for r in alone] == [1] * 4
+    for a, b in zip(alone, together):
+        assert (a.answer.text, a.answer.pieces, a.answer.length) == (b.answer.text, b.answer.pieces, b.answer.length)
+
+
+def test_concurrent_clients_get_their_own_answers(server):
+    asked = [("how many squares", 10), ("what colour?", 20), ("Describe the image.", 30), ("where?", 40)]
+    requests = [chat(q, data_url(png_bytes(seed=seed)), max_tokens=16) for q, seed in asked]
+    alone = [server.client.post("/v1/chat/completions", json=r).json()["choices"][0]["message"] for r in requests]
+    results = [None] * (2 * len(requests))
+
+    def ask(k):
+        results[k] = server.client.post("/v1/chat/completions", json=requests[k % len(requests)])
+
+    threads = [threading.Thread(target=ask, args=(k,)) for k in range(len(results))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(r.status_code == 200 for r in results)
+    assert [r.json()["choices"][0]["message"] for r in results] == alone * 2
+
+
+GOOD = chat("what colour is it?", data_url(png_bytes()))
+
+
+def bad_requests():
+    """(name, body bytes or JSON, status, fragment of the error message)."""
+    pixel = data_url(png_bytes())
+    return [
+        ("malformed JSON", b'{"messages": [', 400, "not valid JSON"),
+        ("not an object", b"[1, 2]", 400, "must be a JSON object"),
+        ("messages not a list", {"messages": "hi"}, 400, "'messages' must be a non-empty list"),
+        ("no role", {"messages": [{"content": "hi"}]}, 400, "'role' must be one of"),
+        ("unknown part", {"messages": [{"role": "user", "content": [{"type": "audio"}]}]}, 400, "a part is"),
+        ("answer last", {"messages": [{"role": "assistant", "content": "hi"}]}, 400, "the last message must be"),
+        ("image only", {"messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": pixel}}]}]}, 400, "with text"),  # fmt: skip
+        ("placeholder in text", chat("<image> what?"), 400, "'<image>' is reserved"),
+        ("not an image", chat("what?", data_url(b"hello, world")), 400, "not an image Pillow can read"),
+        ("truncated image", chat("what?", data_url(infer_tests.truncated_png())), 400, "truncated or corrupt"),
+        ("over --max-image-pixels", chat("what?", data_url(infer_tests.png_header_only(2000, 2000))), 400,
+         "is 2000x2000 pixels, over the limit of 1048576"),
+        ("decompression bomb", chat("what?", data_url(infer_tests.png_header_only(30000, 30000))), 400,
+         "too large to decode safely"),
+        ("not base64", chat("what?", "data:image/png;base64,@@@"), 400, "not valid base64"),
+        ("not a data URL of an image", chat("what?", "data:text/plain;base64,aGk="), 400, "data:image/png;base64"),
+        ("remote URL", chat("what?", "https://example.com/a.png"), 400, "URLs are not fetched"),
+        ("over-long prompt", chat("what? " * 100, pixel), 400, "over the model's context of 96"),
+        ("body over the limit", chat("what?", data_url(os.urandom(300_000))), 413, "over --max-request-mb"),
+        ("bad threshold", {**GOOD, "threshold": 2}, 400, "'threshold'=2 must be in [0, 1]"),
+        ("bad max_tokens", {**GOOD, "max_tokens": "many"}, 400, "'max_tokens' must be an integer"),
+        ("bad cache", {**GOOD, "cache": "disk"}, 400, "'cache' must be one of"),
+        ("bad block", {**GOOD, "max_tokens": 16, "block_length": 7}, 400, "not divisible by block_length=7"),
+        ("bad stream", {**GOOD, "stream": "yes"}, 400, "'stream' must be true or false"),
+        ("two answers", {**GOOD, "n": 2}, 400, "'n' must be 1"),
+    ]
+
+
+@pytest.mark.parametrize("name, body, status, message", bad_requests(), ids=[b[0] for b in bad_requests()])
+def test_a_bad_request_is_a_4xx_that_says_why_and_the_next_is_answered(server, name, body, status, message):
+    if isinstance(body, bytes):
+        headers = {"content-type": "application/json"}
+        response = server.client.post("/v1/chat/completions", content=body, headers=headers)
+    else:
+        response = server.client.post("/v1/chat/completions", json=body)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert message in error["message"] and error["code"] == status and error["type"] == "invalid_request_error"
+    assert server.client.post("/v1/chat/completions", json=GOOD).status_code == 200
+
+
+def test_local_images_only_from_the_allowed_folder(server, answerer):
+    inside = chat("what?", f"file://{server.allowed / 'scene.png'}")
+    assert server.client.post("/v1/chat/completions", json=inside).status_code == 200
+    assert server.client.post("/v1/chat/completions", json=chat("what?", "scene.png")).status_code == 200
+    for path in ["../" + server.outside.name + "/secret.png", str(server.outside / "secret.png"), "link.png",
+                 f"file://{server.outside / 'secret.png'}", "/etc/passwd"]:  # fmt: skip
+        response = server.client.post("/v1/chat/completions", json=chat("what?", path))
+        assert response.status_code == 403 and "outside the folder" in response.json()["error"]["message"], path
+    missing = server.client.post("/v1/chat/completions", json=chat("what?", "missing.png"))
+    assert missing.status_code == 400 and "image not found" in missing.json()["error"]["message"]
+    app = create_app(answerer, Batcher(answerer), "tiny", ImageRules())  # no --allow-local-images
+    with running(app) as url:
+        response = httpx.post(f"{url}/v1/chat/completions", json=chat("what?", "scene.png"), timeout=60)
+    assert response.status_code == 403 and "--allow-local-images" in response.json()["error"]["message"]
+
+
+def test_unknown_routes_and_methods_are_json_errors(server):
+    assert server.client.get("/v1/nothing").json()["error"]["code"] == 404
+    assert server.client.get("/v1/chat/completions").json()["error"]["code"] == 405
