@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 import torch
 from PIL import Image
 
-from mmdlm.infer.infer import Answer, Answerer
 from mmdlm.decoding import first_stop as first_stop_of
+from mmdlm.infer.infer import Answer, Answerer
 from mmdlm.sampling import SamplerConfig
 
 
