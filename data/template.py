@@ -65,7 +65,7 @@ def image_position_of(conversations: list[list[dict]]) -> str:
     after = before = 0
     for turns in conversations:
         text = next((str(t.get("value")) for t in turns if isinstance(t, dict) and ROLES.get(t.get("from")) == "user"
-                     and IMAGE_TOKEN in str(t.get("value"))), "").strip()  # fmt: skip
+                     and IMAGE_TOKEN in str(t.get("value"))), "").strip()
         after += text.endswith(IMAGE_TOKEN) and not text.startswith(IMAGE_TOKEN)
         before += text.startswith(IMAGE_TOKEN)
     return "after" if after > before else "before"

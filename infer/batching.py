@@ -78,7 +78,7 @@ class Batcher:
         return len(self._waiting)
 
     def submit(self, prompt: list[int], images: list[Image.Image], config: SamplerConfig,
-               on_progress: Callable[[list[int]], None] | None = None) -> Future:  # fmt: skip
+               on_progress: Callable[[list[int]], None] | None = None) -> Future:
         """Queue one request (a prompt from Answerer.prompt_ids and its images); return the Future of its Reply.
 
         `on_progress(tokens)` is called from the worker thread whenever the answer's committed
@@ -117,7 +117,7 @@ class Batcher:
                 self._progress(batch, *rows)
 
             answers = self.answerer.answer_prompts([j.prompt for j in batch], [j.images for j in batch],
-                                                   batch[0].config, on_forward=on_forward)  # fmt: skip
+                                                   batch[0].config, on_forward=on_forward)
         except Exception as error:  # noqa: BLE001 - one bad batch fails its requests, never the server
             for job in batch:
                 if not job.future.done():

@@ -69,19 +69,19 @@ def conversation(messages: object) -> tuple[list[dict], list[str]]:
             if kind == "text" and isinstance(part.get("text"), str):
                 if IMAGE_TOKEN in part["text"]:
                     raise RequestError(f"{where}.content[{j}]: '{IMAGE_TOKEN}' is reserved: send images as "
-                                       "image_url parts")  # fmt: skip
+                                       "image_url parts")
                 pieces.append(part["text"].strip())
             elif kind == "image_url" and role == "user":
                 ref = part.get("image_url")
                 url = ref.get("url") if isinstance(ref, dict) else ref
                 if not isinstance(url, str):
                     raise RequestError(f"{where}.content[{j}]: an image part is {{'type': 'image_url', "
-                                       "'image_url': {'url': 'data:image/png;base64,...'}}")  # fmt: skip
+                                       "'image_url': {'url': 'data:image/png;base64,...'}}")
                 urls.append(url)
                 pieces.append(IMAGE_TOKEN)
             else:
                 raise RequestError(f"{where}.content[{j}]: a part is {{'type': 'text', 'text': ...}} or, in a user "
-                                   "message, {'type': 'image_url', 'image_url': {'url': ...}}")  # fmt: skip
+                                   "message, {'type': 'image_url', 'image_url': {'url': ...}}")
         turns.append({"from": role, "value": "\n".join(p for p in pieces if p)})
     if turns[-1]["from"] != "user" or not turns[-1]["value"].replace(IMAGE_TOKEN, "").strip():
         raise RequestError("the last message must be the user's question, with text (e.g. 'Describe the image.')")
@@ -104,16 +104,16 @@ def fetch_image(url: str, name: str, rules: ImageRules) -> Image.Image:
     scheme = urllib.parse.urlsplit(url).scheme
     if scheme not in ("", "file") or (scheme == "" and "://" in url):
         raise RequestError(f"{name}: {scheme or 'this'} URLs are not fetched: send the image as "
-                           "data:image/png;base64,<data>")  # fmt: skip
+                           "data:image/png;base64,<data>")
     if rules.allow_local is None:
         raise RequestError(f"{name}: local paths are off: send a data:image/...;base64 URL, or start the server "
-                           "with --allow-local-images DIR", status=403)  # fmt: skip
+                           "with --allow-local-images DIR", status=403)
     raw = urllib.parse.unquote(urllib.parse.urlsplit(url).path) if scheme == "file" else url
     folder = rules.allow_local.resolve()
     path = (folder / raw).resolve()  # symbolic links resolved first, so none leads out of the folder
     if not path.is_relative_to(folder):
         raise RequestError(f"{name}: {raw} is outside the folder this server may read (--allow-local-images)",
-                           status=403)  # fmt: skip
+                           status=403)
     return load_image(path, f"{name}: ", rules.max_pixels)
 
 
@@ -149,7 +149,7 @@ def request_config(body: dict, answerer: Answerer, max_tokens: int) -> SamplerCo
         threshold=_number(body, "threshold", False, 0, 1), factor=_number(body, "factor", False, 1e-6),
         temperature=_number(body, "temperature", False, 0, 10) or 0.0, cache=_choice(body, "cache", CACHES, "auto"),
         confidence=_choice(body, "confidence", CONFIDENCES, "probability"), no_early_stop=False,
-    )  # fmt: skip
+    )
     if options.block_length is None and gen_length % min(32, gen_length):
         options.block_length = gen_length  # an odd canvas is one block rather than an error
     try:

@@ -64,7 +64,7 @@ def read_image(source, name: str, max_pixels: int | None = None) -> Image.Image:
         with Image.open(source) as image:
             if max_pixels is not None and image.width * image.height > max_pixels:
                 raise InferError(f"{name} is {image.width}x{image.height} pixels, over the limit of {max_pixels}: "
-                                 "downscale it first")  # fmt: skip
+                                 "downscale it first")
             image.load()  # decodes now, so a truncated file fails here and not in the model
             return image.convert("RGB")
     except Image.DecompressionBombError as error:
@@ -199,7 +199,7 @@ class Answerer:
         return self.answer_prompts(prompts, images, config, canvas)
 
     def answer_prompts(self, prompts: list[list[int]], images: list[list[Image.Image]], config: SamplerConfig,
-                       canvas=None, on_forward=None) -> list[Answer]:  # fmt: skip
+                       canvas=None, on_forward=None) -> list[Answer]:
         """Return one Answer per prompt (from prompt_ids); `on_forward` goes to the sampler (diffusion only)."""
         embeds, mask = self.prefix(prompts, images)
         if self.autoregressive:  # the AR twin: left to right, one token per forward
@@ -209,9 +209,9 @@ class Answerer:
         else:
             out = generate(self.model.lm, prefix_embeds=embeds, attention_mask=mask, mask_id=self.special.mask,
                            config=config, canvas=None if canvas is None else canvas.to(self.device),
-                           on_forward=on_forward)  # fmt: skip
+                           on_forward=on_forward)
         return [self.make_answer(out.tokens[row].tolist(), out.commit_step[row].tolist(), int(out.lengths[row]),
-                                 int(out.row_forwards[row])) for row in range(len(prompts))]  # fmt: skip
+                                 int(out.row_forwards[row])) for row in range(len(prompts))]
 
     def make_answer(self, tokens: list[int], steps: list[int], length: int, forwards: int) -> Answer:
         """Return the Answer of one row: its canvas tokens, commit steps, answer length and forwards taken."""

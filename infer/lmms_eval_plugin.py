@@ -63,7 +63,7 @@ class MMDLMEval(_LmmsBase):
                  batch_size: int | str = 8, max_batch_size: int | None = None, gen_length: int = 16,
                  block_length: int | None = None, steps: int | None = None, threshold: float = 0.9,
                  cache: str = "auto", confidence: str = "probability", mc_draws: int = 64,
-                 mc_batch_size: int = 32, seed: int = 0, scored: str = "reply"):  # fmt: skip
+                 mc_batch_size: int = 32, seed: int = 0, scored: str = "reply"):
         super().__init__()
         if scored not in SCORED:
             raise UserError(f"model_args scored={scored!r}: use one of {SCORED}")
@@ -78,7 +78,7 @@ class MMDLMEval(_LmmsBase):
         self.answerer = Answerer(model, tokenizer)
         self.batch_size = int(batch_size) if str(batch_size).isdigit() else 8  # lmms-eval may pass "auto"
         self.defaults = dict(gen_length=int(gen_length), block_length=block_length, steps=steps,
-                             threshold=threshold, cache=cache, confidence=confidence)  # fmt: skip
+                             threshold=threshold, cache=cache, confidence=confidence)
         self.likelihood = LikelihoodConfig(draws=int(mc_draws), batch_size=int(mc_batch_size), seed=int(seed))
         try:
             self.likelihood.validate()
@@ -88,7 +88,7 @@ class MMDLMEval(_LmmsBase):
     def sampler_config(self, gen_kwargs: dict):
         """Return the SamplerConfig of a task's generation_kwargs, model_args filling what it leaves out."""
         options = {**self.defaults, **{k: gen_kwargs[k] for k in ("block_length", "steps", "threshold")
-                                        if gen_kwargs.get(k) is not None}}  # fmt: skip
+                                        if gen_kwargs.get(k) is not None}}
         gen_length = int(gen_kwargs.get("max_new_tokens") or options["gen_length"])
         block_length = options["block_length"] or TASK_DEFAULTS["vqa"]["block_length"]
         sampled = gen_kwargs.get("do_sample", False) or gen_kwargs.get("temperature")
@@ -98,7 +98,7 @@ class MMDLMEval(_LmmsBase):
             threshold=float(options["threshold"]), factor=None, confidence=options["confidence"],
             cache=options["cache"], no_early_stop=False,
             temperature=float(gen_kwargs.get("temperature") or 0.0) if sampled else 0.0,
-        )  # fmt: skip
+        )
         try:
             return sampler_config(args, "vqa", self.answerer)
         except InferError as error:
@@ -164,7 +164,7 @@ class MMDLMEval(_LmmsBase):
                                  f"({len(answer)}) is over the model's context of {answerer.context}")
             embeds, _ = answerer.prefix([prompt], [images])
             results.append(answer_loglikelihood(answerer.model.lm, embeds, torch.tensor(answer), answerer.special.mask,
-                                                self.likelihood, prefix_dlm=answerer.prefix_dlm))  # fmt: skip
+                                                self.likelihood, prefix_dlm=answerer.prefix_dlm))
         return results
 
     def generate_until_multi_round(self, requests) -> list[str]:

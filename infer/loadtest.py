@@ -44,7 +44,7 @@ def loopback(url: str) -> str:
 
 
 def request_bodies(input_file: str | None, count: int, max_tokens: int, threshold: float,
-                   caption_every: int = 4) -> list[dict]:  # fmt: skip
+                   caption_every: int = 4) -> list[dict]:
     """Return `count` chat requests cycling through the questions of a LLaVA file (its images as data URLs),
     every `caption_every`-th a caption request instead (0: none)."""
     if input_file is None:
@@ -65,7 +65,7 @@ def request_bodies(input_file: str | None, count: int, max_tokens: int, threshol
         if not asked.strip().endswith("<image>"):  # the image where the file puts it (LLaVA: before the text)
             content.reverse()
         bodies.append({"model": "mmdlm", "messages": [{"role": "user", "content": content}],
-                       "max_tokens": max_tokens, "threshold": threshold})  # fmt: skip
+                       "max_tokens": max_tokens, "threshold": threshold})
     return bodies
 
 
@@ -98,7 +98,7 @@ async def hammer(url: str, bodies: list[dict], clients: int, timeout: float) -> 
     return {"requests": len(bodies), "errors": errors, "seconds": seconds, "rps": len(latencies) / seconds,
             "p50": statistics.median(latencies) if latencies else float("nan"),
             "p99": latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))] if latencies else float("nan"),
-            "mean_batch": statistics.mean(batch_sizes) if batch_sizes else 0.0}  # fmt: skip
+            "mean_batch": statistics.mean(batch_sizes) if batch_sizes else 0.0}
 
 
 def free_port() -> int:
@@ -113,7 +113,7 @@ def start_server(model: str, batch_size: int, threads: int | None, wait: float =
 
     port = free_port()
     command = [sys.executable, "-m", "mmdlm.infer.serve", "--model", str(Path(model).resolve()), "--port", str(port),
-               "--max-batch-size", str(batch_size)] + (["--threads", str(threads)] if threads else [])  # fmt: skip
+               "--max-batch-size", str(batch_size)] + (["--threads", str(threads)] if threads else [])
     # Started outside the checkout, so the installed package is imported; its errors still reach stderr.
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, cwd=tempfile.gettempdir())
     url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + wait
@@ -131,11 +131,11 @@ def start_server(model: str, batch_size: int, threads: int | None, wait: float =
 
 def table(rows: list[tuple[str, dict]], clients: int) -> str:
     lines = ["| server | clients | requests | errors | requests/s | p50 latency (s) | p99 latency (s) | mean batch "
-             "| speedup |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+             "| speedup |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     base = rows[0][1]["rps"]
     for name, m in rows:
         lines.append(f"| {name} | {clients} | {m['requests']} | {len(m['errors'])} | {m['rps']:.2f} | {m['p50']:.2f} "
-                     f"| {m['p99']:.2f} | {m['mean_batch']:.1f} | {m['rps'] / base:.2f}x |")  # fmt: skip
+                     f"| {m['p99']:.2f} | {m['mean_batch']:.1f} | {m['rps'] / base:.2f}x |")
     return "\n".join(lines)
 
 

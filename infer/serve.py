@@ -43,7 +43,7 @@ async def read_json(request, limit: int) -> object:
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise RequestError(f"the body is {int(declared)} bytes, over --max-request-mb ({limit} bytes): send a "
-                           "smaller image", status=413)  # fmt: skip
+                           "smaller image", status=413)
     body = bytearray()
     async for chunk in request.stream():
         body += chunk
@@ -66,11 +66,11 @@ def completion(reply: Reply, request_id: str, model: str, created: int) -> dict:
                   "total_tokens": reply.prompt_tokens + answer.length},
         "mmdlm": {"forward_passes": answer.forward_passes, "tokens_per_forward": round(answer.tokens_per_forward, 3),
                   "batch_size": reply.batch_size, "canvas": len(answer.pieces)},
-    }  # fmt: skip
+    }
 
 
 def create_app(answerer: Answerer, batcher: Batcher, model_name: str, rules: ImageRules, max_tokens: int = 64,
-               max_request_bytes: int = 16 << 20):  # fmt: skip
+               max_request_bytes: int = 16 << 20):
     """Return the FastAPI app; it starts `batcher` when it starts and closes it when it stops."""
 
     @asynccontextmanager
@@ -110,14 +110,14 @@ def create_app(answerer: Answerer, batcher: Batcher, model_name: str, rules: Ima
         request_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if not chat_request.stream:
             reply = await asyncio.wrap_future(batcher.submit(chat_request.prompt, chat_request.images,
-                                                             chat_request.config))  # fmt: skip
+                                                             chat_request.config))
             return completion(reply, request_id, model_name, created)
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
         future = batcher.submit(chat_request.prompt, chat_request.images, chat_request.config,
                                 on_progress=lambda tokens: loop.call_soon_threadsafe(events.put_nowait, tokens))
         future.add_done_callback(lambda _: loop.call_soon_threadsafe(events.put_nowait, None))
         return StreamingResponse(stream(events, future, answerer, request_id, model_name, created),
-                                 media_type="text/event-stream")  # fmt: skip
+                                 media_type="text/event-stream")
 
     return app
 
@@ -128,7 +128,7 @@ async def stream(events: asyncio.Queue, future, answerer: Answerer, request_id: 
     def chunk(delta: dict, finish_reason=None, **extra) -> str:
         choice = {"index": 0, "delta": delta, "finish_reason": finish_reason}
         body = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model,
-                "choices": [choice], **extra}  # fmt: skip
+                "choices": [choice], **extra}
         return f"data: {json.dumps(body)}\n\n"
 
     yield chunk({"role": "assistant", "content": ""})
@@ -147,7 +147,7 @@ async def stream(events: asyncio.Queue, future, answerer: Answerer, request_id: 
         final = completion(reply, request_id, model, created)
         rest = reply.answer.text[len(sent) :] if reply.answer.text.startswith(sent) else ""
         yield chunk({"content": rest} if rest else {}, final["choices"][0]["finish_reason"], usage=final["usage"],
-                    mmdlm=final["mmdlm"])  # fmt: skip
+                    mmdlm=final["mmdlm"])
     yield "data: [DONE]\n\n"
 
 
@@ -181,7 +181,7 @@ def serving(args: argparse.Namespace):
     answerer = Answerer(*load_model(args.model, device))
     name = Path(args.model).resolve().name
     app = create_app(answerer, Batcher(answerer, args.max_batch_size), name, ImageRules(allow, args.max_image_pixels),
-                     args.max_tokens, int(args.max_request_mb * (1 << 20)))  # fmt: skip
+                     args.max_tokens, int(args.max_request_mb * (1 << 20)))
     return app, name
 
 

@@ -40,7 +40,7 @@ def answer(answerer: Answerer, batcher: Batcher, image, question: str, options: 
     gif = save_steps(frames / f"{uuid.uuid4().hex}.gif", result.pieces, result.commit_step)
     stats = (f"**{result.forward_passes}** forward(s) for {result.length} answer tokens "
              f"(**{result.tokens_per_forward:.2f}** tokens per forward), canvas {len(result.pieces)}, "
-             f"decoded in a batch of {reply.batch_size}")  # fmt: skip
+             f"decoded in a batch of {reply.batch_size}")
     return result.text, stats, str(gif), order_text(result.pieces, result.commit_step)
 
 
@@ -74,7 +74,7 @@ def build_demo(answerer: Answerer, batcher: Batcher, frames: Path, max_tokens: i
                 text = gr.Textbox(label="Answer", elem_id="answer", interactive=False)
                 stats = gr.Markdown(elem_id="stats")
                 steps = gr.Image(label="Unmasking order, one frame per forward", type="filepath", elem_id="steps",
-                                 interactive=False, height=120)  # fmt: skip
+                                 interactive=False, height=120)
                 order = gr.Textbox(label="Tokens committed by each forward", lines=8, elem_id="order")
         knobs = [threshold, cache, canvas]
         outputs = [text, stats, steps, order]
@@ -107,7 +107,7 @@ def launch(args: argparse.Namespace, block: bool = True):
     demo = build_demo(answerer, batcher, frames, args.max_tokens)
     demo.queue(default_concurrency_limit=args.max_batch_size)
     _, url, _ = demo.launch(server_name=args.host, server_port=args.port, prevent_thread_lock=not block,
-                            allowed_paths=[str(frames)], quiet=not block)  # fmt: skip
+                            allowed_paths=[str(frames)], quiet=not block)
     return demo, batcher, url
 
 

@@ -87,7 +87,7 @@ def test_default_finetune_learns_new_images_and_new_words(tmp_path):
         *[a for s in sets for a in ("--set", s)])
     tuned = load_tokenizer(tmp_path / "ft" / "model")  # data.answer_tokens: each pattern is one token now
     assert all(len(tuned.tokenize(p)) == 1 for p in patterns) and len(tuned) == len(tokenizer) + len(
-        [p for p in patterns if len(tokenizer.tokenize(p)) >= 3])  # fmt: skip
+        [p for p in patterns if len(tokenizer.tokenize(p)) >= 3])
     answers = tmp_path / "answers.jsonl"
     run(sys.executable, "infer/infer.py", "--model", str(tmp_path / "ft" / "model"),
         "--input", str(textures / "test" / "qa.json"), "--output", str(answers))

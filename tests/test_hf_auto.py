@@ -41,7 +41,7 @@ print(json.dumps({
 def load_in_fresh_process(folder, inputs, logits, state, tmp_path) -> dict:
     torch.save({"inputs": inputs, "logits": logits, "state": state}, tmp_path / "probe.pt")
     out = subprocess.run([sys.executable, "-c", LOAD, str(folder), str(tmp_path / "probe.pt"), str(tmp_path / "again")],
-                         capture_output=True, text=True, timeout=300)  # fmt: skip
+                         capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -56,7 +56,7 @@ def test_auto_classes_round_trip_a_model_folder(tmp_path):
         logits = model(ids, pixels)
     got = load_in_fresh_process(tmp_path / "model", (ids, pixels), logits, model.state_dict(), tmp_path)
     assert got == {"config": "MMDLMConfig", "model": "MMDLM", "training": False, "weights_equal": True,
-                   "logits_equal": True, "again_equal": True}  # fmt: skip
+                   "logits_equal": True, "again_equal": True}
 
 
 def test_auto_classes_load_a_language_model_folder(tmp_path):
@@ -68,4 +68,4 @@ def test_auto_classes_load_a_language_model_folder(tmp_path):
         logits = lm(ids)
     got = load_in_fresh_process(tmp_path / "lm", (ids, None), logits, lm.state_dict(), tmp_path)
     assert got == {"config": "DLMConfig", "model": "DiffusionLM", "training": False, "weights_equal": True,
-                   "logits_equal": True, "again_equal": True}  # fmt: skip
+                   "logits_equal": True, "again_equal": True}

@@ -40,7 +40,7 @@ def make_folder(folder: Path, fit_steps: int) -> Path:
     special = special_ids(tokenizer)
     torch.manual_seed(0)
     model = build_model(dict(vision=VISION, lm=LM), vocab_size=len(tokenizer), image_token_id=special.image,
-                        mask_token_id=special.mask)  # fmt: skip
+                        mask_token_id=special.mask)
     answerer = Answerer(model.eval(), tokenizer)
     rows = []  # (prefix embeddings, canvas) in the SFT layout: answer, end of turn, EOS padding of the canvas
     for question, answer in FACTS.items():
@@ -61,7 +61,7 @@ def make_folder(folder: Path, fit_steps: int) -> Path:
                 return model.lm(inputs_embeds=embeds, logits_from=prefix.shape[1])
 
             masked_diffusion_loss(logits_fn, canvas, torch.ones_like(canvas, dtype=torch.bool), special.mask,
-                                  generator=generator, schedule="count").loss.backward()  # fmt: skip
+                                  generator=generator, schedule="count").loss.backward()
         optimizer.step()
     model.save_pretrained(folder)
     return folder
@@ -117,7 +117,7 @@ def test_two_token_estimate_converges_to_the_enumerated_bound(random_dir):
     spread = float((probabilities * (outcomes - bound) ** 2).sum().sqrt())
     draws = 400
     estimate, _ = answer_loglikelihood(model.lm, prefix, torch.tensor(answer), mask,
-                                       LikelihoodConfig(draws=draws, batch_size=64))  # fmt: skip
+                                       LikelihoodConfig(draws=draws, batch_size=64))
     assert spread > 0.05  # the draws disagree, so agreement below is not a coincidence of equal values
     assert abs(estimate - bound) < 4 * spread / math.sqrt(draws)
 
@@ -142,7 +142,7 @@ def test_fitted_model_prefers_its_answer(fitted_dir):
     for question, answer in FACTS.items():
         wrong = "right" if answer == "left" else "blue" if answer == "red" else "3" if answer == "2" else "circle"
         right, other = plugin.loglikelihood([Request((question, " " + answer, *visual)),
-                                             Request((question, wrong, *visual))])  # fmt: skip
+                                             Request((question, wrong, *visual))])
         assert right[0] > other[0] and right[1] and not other[1], (question, right, other)
     # lmms-eval's ("", choice) requests of acc_mutual_info: no document, no image
     (unconditional, _), = plugin.loglikelihood([Request(("", "red"))])
@@ -154,7 +154,7 @@ def test_generate_until_answers_with_the_sampler_options(fitted_dir):
     docs = [{"image": Image.new("RGB", (32, 32), (k * 60, 0, 0))} for k in range(len(FACTS))]
     plugin.task_dict = {"t": {"test": docs}}
     requests = [Request((q, {"max_new_tokens": 16, "until": ["\n"]}, lambda doc: [doc["image"]], k, "t", "test"))
-                for k, q in enumerate(FACTS)]  # fmt: skip
+                for k, q in enumerate(FACTS)]
     assert plugin.generate_until(requests) == list(FACTS.values())  # two batches of one group, order kept
     cut = Request((next(iter(FACTS)), {"max_new_tokens": 16, "until": ["e"]}, lambda doc: [doc["image"]], 0, "t",
                    "test"))
@@ -194,7 +194,7 @@ def write_split(folder: Path) -> Path:
         Image.effect_noise((32, 32), 30 + k).convert("RGB").save(folder / "images" / f"{k}.png")
         entry = {"id": f"q{k}", "image": f"images/{k}.png",
                  "conversations": [{"from": "human", "value": "<image>\n" + question},
-                                   {"from": "gpt", "value": refs[0]}]}  # fmt: skip
+                                   {"from": "gpt", "value": refs[0]}]}
         if len(refs) > 1:
             entry["answers"] = refs
         entries.append(entry)
@@ -226,7 +226,7 @@ def test_lmms_eval_evaluator_scores_as_evaluate_py(fitted_dir, tmp_path, monkeyp
     )
     out = simple_evaluate(model="mmdlm", model_args=f"pretrained={fitted_dir},device=cpu", tasks=["local_vqa"],
                           batch_size=4, task_manager=TaskManager(include_path=str(tmp_path / "tasks")),
-                          log_samples=True)  # fmt: skip
+                          log_samples=True)
     samples = out["samples"]["local_vqa"]
     predictions = {f"q{s['doc_id']}": s["filtered_resps"][0] for s in samples}
     assert sorted(predictions.values()) == sorted(["red", "2", "left", "square", "red", "2"])

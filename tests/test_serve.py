@@ -71,7 +71,7 @@ def server(answerer, tmp_path_factory):
     (allowed / "link.png").symlink_to(outside / "secret.png")
     rules = ImageRules(allow_local=allowed, max_pixels=1 << 20)
     app = create_app(answerer, Batcher(answerer, max_batch_size=8), "tiny", rules, max_tokens=16,
-                     max_request_bytes=200_000)  # fmt: skip
+                     max_request_bytes=200_000)
     with running(app) as url, httpx.Client(base_url=url, timeout=60) as client:
         yield SimpleNamespace(client=client, allowed=allowed, outside=outside)
 
@@ -128,7 +128,7 @@ def test_progress_reports_growing_prefixes_of_the_final_answer(answerer):
     finally:
         batcher.close()
     assert all(later[: len(earlier)] == earlier and len(later) > len(earlier)
-               for earlier, later in zip(reports, reports[1:]))  # fmt: skip
+               for earlier, later in zip(reports, reports[1:]))
     assert len(reports) >= 2  # one token per forward over four blocks: the answer arrives in pieces
     final = reports[-1]
     assert len(final) == reply.answer.length and answerer.decode(final) == reply.answer.text
@@ -138,10 +138,10 @@ def test_an_answer_does_not_depend_on_its_batch(answerer):
     """Four ragged requests decoded in one batch give the tokens each gives alone (temperature 0)."""
     config = request_config({"max_tokens": 32, "block_length": 16}, answerer, 32)
     questions = ["how many squares", "what colour is the circle on the left of the square?", "Describe the image.",
-                 "what?"]  # fmt: skip
+                 "what?"]
     images = [Image.effect_noise((30 + 9 * k, 40), 40 + 20 * k).convert("RGB") for k in range(4)]
     prompts = [answerer.prompt_ids([{"from": "user", "value": "<image>\n" + q}], [image])
-               for q, image in zip(questions, images)]  # fmt: skip
+               for q, image in zip(questions, images)]
     assert len({len(p) for p in prompts}) == 4  # ragged: every row left-padded differently
     batcher = Batcher(answerer, max_batch_size=8)
     together = [batcher.submit(p, [im], config) for p, im in zip(prompts, images)]  # queued before the worker starts
@@ -188,7 +188,7 @@ def bad_requests():
         ("unknown part", {"messages": [{"role": "user", "content": [{"type": "audio"}]}]}, 400, "a part is"),
         ("answer last", {"messages": [{"role": "assistant", "content": "hi"}]}, 400, "the last message must be"),
         ("image only", {"messages": [{"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": pixel}}]}]}, 400, "with text"),  # fmt: skip
+            {"type": "image_url", "image_url": {"url": pixel}}]}]}, 400, "with text"),
         ("placeholder in text", chat("<image> what?"), 400, "'<image>' is reserved"),
         ("not an image", chat("what?", data_url(b"hello, world")), 400, "not an image Pillow can read"),
         ("truncated image", chat("what?", data_url(infer_tests.truncated_png())), 400, "truncated or corrupt"),
@@ -228,7 +228,7 @@ def test_local_images_only_from_the_allowed_folder(server, answerer):
     assert server.client.post("/v1/chat/completions", json=inside).status_code == 200
     assert server.client.post("/v1/chat/completions", json=chat("what?", "scene.png")).status_code == 200
     for path in ["../" + server.outside.name + "/secret.png", str(server.outside / "secret.png"), "link.png",
-                 f"file://{server.outside / 'secret.png'}", "/etc/passwd"]:  # fmt: skip
+                 f"file://{server.outside / 'secret.png'}", "/etc/passwd"]:
         response = server.client.post("/v1/chat/completions", json=chat("what?", path))
         assert response.status_code == 403 and "outside the folder" in response.json()["error"]["message"], path
     missing = server.client.post("/v1/chat/completions", json=chat("what?", "missing.png"))

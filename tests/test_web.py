@@ -37,7 +37,7 @@ def test_the_page_answers_an_uploaded_image(tmp_path, chromium):
     question = "what colour is the circle?"
     config = request_config({"threshold": 0.9, "cache": "auto", "max_tokens": 32}, answerer, 32)
     expected = answerer.answer([[{"from": "user", "value": question}]],
-                               [[Image.open(image_path).convert("RGB")]], config)[0]  # fmt: skip
+                               [[Image.open(image_path).convert("RGB")]], config)[0]
 
     args = argparse.Namespace(model=str(folder), host="127.0.0.1", port=free_port(), max_batch_size=4, device="cpu",
                               max_tokens=32)  # the tiny model's context is 96

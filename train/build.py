@@ -25,7 +25,7 @@ from mmdlm.train.config import MODULES, TrainConfig
 def read_conversations(cfg: TrainConfig) -> list[list[dict]]:
     """Return the conversations of every data.json file (what `build` reads of the data), [] for shards."""
     return [entry.get("conversations") or [] for path in cfg.data.json for entry in read_json_list(Path(path))
-            if isinstance(entry, dict)]  # fmt: skip
+            if isinstance(entry, dict)]
 
 
 def build(cfg: TrainConfig, conversations: list[list[dict]] | None = None):
@@ -90,7 +90,7 @@ def add_answer_tokens(tokenizer, lm, conversations: list[list[dict]]) -> list[st
     """
     words = sorted({word for turns in conversations for turn in turns
                     if isinstance(turn, dict) and ROLES.get(turn.get("from")) == "assistant"
-                    for word in str(turn.get("value", "")).split()})  # fmt: skip
+                    for word in str(turn.get("value", "")).split()})
     pieces = {word: tokenizer.encode(word, add_special_tokens=False) for word in words}
     new = [word for word in words if len(pieces[word]) >= MIN_PIECES and word not in tokenizer.get_vocab()]
     if len(new) > MAX_ANSWER_TOKENS:

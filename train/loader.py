@@ -45,7 +45,7 @@ class ResumableBatchSampler(Sampler[list[int]]):
     """
 
     def __init__(self, size: int, batch_size: int, rank: int, world: int, seed: int, epoch: int = 0, offset: int = 0,
-                 sources: list[int] | None = None, group: int = 0):  # fmt: skip
+                 sources: list[int] | None = None, group: int = 0):
         self.size, self.batch_size, self.seed = size, batch_size, seed
         self.rank, self.world = rank, world
         self.sources, self.group = sources, group
@@ -159,7 +159,7 @@ def build_loader(cfg: TrainConfig, collator: Collator, rank: int, world: int, st
         epoch, offset = start_position(state, len(dataset), round_)
         sources = [k for k, part in enumerate(sets) for _ in range(len(part))] if cfg.data.group_by_file else None
         sampler = ResumableBatchSampler(len(dataset), cfg.micro_batch_size, rank, world, cfg.seed, epoch, offset,
-                                        sources, cfg.data.group_by_file)  # fmt: skip
+                                        sources, cfg.data.group_by_file)
         state.data_epoch, state.data_offset = sampler.epoch, sampler.offset
         state.data_batches_at_start, state.data_round = state.batches_consumed, round_
         return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.data.num_workers)
