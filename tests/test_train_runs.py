@@ -59,6 +59,7 @@ def start(world, tmp_path_factory) -> Path:
 def sets(world: Path, out: Path, *extra: str) -> list[str]:
     items = [f"data.json=[{world / 'train' / 'qa.json'}]", f"data.tokenizer={world / 'tokenizer'}",
              f"output_dir={out}", "micro_batch_size=4", "max_steps=4", "save_every=2", "init_from=null",
+             "init_vision_from=null",
              "optim.warmup_steps=10", "data.log_sample_ids=true", "ar_warmup_steps=2",  # both phases
              "data.fractions=[]", *extra]
     if not any(e.startswith("init_from=") for e in extra):  # a saved folder brings its own shape
