@@ -193,7 +193,8 @@ def test_two_nodes_on_loopback_split_the_shards(world, tmp_path):
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("localhost slots=1\n127.0.0.1 slots=1\n")
     port, out = str(free_port()), tmp_path / "nodes"
-    shards = ["data.json=[]", f"data.shards={world / 'train' / 'shards'}", "data.shuffle_buffer=0",
+    shards = ["data.json=[]", "data.group_by_file=0", f"data.shards={world / 'train' / 'shards'}",
+              "data.shuffle_buffer=0",
               "micro_batch_size=2", "max_steps=3", "save_every=0"]
     procs = []
     for node in (0, 1):
