@@ -22,6 +22,7 @@ from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedMode
 
 from mmdlm.cache import KVCache
 from mmdlm.config import ConfigError, from_dict, load_yaml
+from mmdlm.encoders.cache import TowerCache
 from mmdlm.encoders.processor import anyres_grid, image_transform
 from mmdlm.encoders.projector import Projector, ProjectorConfig
 from mmdlm.encoders.tower import VisionConfig, VisionTower
@@ -67,6 +68,7 @@ class MMDLM(PreTrainedModel):
                                    self.vision.num_tokens)
         self.num_image_tokens = self.projector.num_tokens(self.vision.num_tokens)
         self.anyres = anyres_grid(self.vision)  # None: every image is one view of num_image_tokens tokens
+        self.tower_cache: TowerCache | None = None  # training with a frozen tower may set one (tower_cache_gb)
         if (self.anyres is None) != (projector.merge == "flat"):
             raise ValueError("vision.anyres_max and projector.merge=spatial_unpad go together: set both or neither")
 
@@ -111,7 +113,8 @@ class MMDLM(PreTrainedModel):
                 return tokens[:0]  # [0, T, D], still in the autograd graph
             finally:
                 self.vision.train(tower_training)
-        features = self.projector(self.vision(pixel_values))  # [views, T, D]
+        tower = self.vision if self.tower_cache is None else lambda pixels: self.tower_cache(self.vision, pixels)
+        features = self.projector(tower(pixel_values))  # [views, T, D]
         if self.anyres is None:
             return features
         if image_sizes is None:

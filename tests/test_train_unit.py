@@ -10,6 +10,7 @@ import torch
 
 from mmdlm.config import ConfigError, load_config, load_yaml
 from mmdlm.data.errors import DataError
+from mmdlm.encoders.cache import TowerCache
 from mmdlm.model import DiffusionLM, DLMConfig, LMConfig
 from mmdlm.multimodal import MMDLM, build_model
 from mmdlm.train import export as export_mod
@@ -139,6 +140,8 @@ def test_bad_configs_are_named(tmp_path):
                               ("optim.lr_multipliers={tower: 0.1}", "lr_multipliers"),
                               ("ar_warmup_steps=-1", "ar_warmup_steps"),
                               ("data.group_by_file=-5", "group_by_file"),
+                              ("trainable=[vision,lm]", "tower_cache_gb"),  # demo_sft caches its frozen tower
+                              ("tower_cache_gb=-1", "tower_cache_gb"),
                               ("objective=autoregressive", "need objective=diffusion")]:  # demo_sft warms up with AR
         cfg = load_config(TrainConfig, ROOT / "configs/train/demo_sft.yaml", [override])
         with pytest.raises(ConfigError, match=message):
@@ -168,6 +171,30 @@ def test_bad_configs_are_named(tmp_path):
     auto.write_text(json.dumps({"zero_optimization": {"stage": 2}, "gradient_clipping": "auto"}))
     with pytest.raises(ConfigError, match="auto"):
         deepspeed_config(TrainConfig(deepspeed=str(auto)), 1)
+    zero3 = TrainConfig(deepspeed=str(ROOT / "configs/deepspeed/zero3.json"), tower_cache_gb=1.0)
+    deepspeed_config(zero3, 1)  # one rank: nothing to mismatch
+    with pytest.raises(ConfigError, match="tower_cache_gb needs ZeRO stage < 3"):
+        deepspeed_config(zero3, 2)
+
+
+def test_tower_cache_returns_the_towers_output_and_computes_each_image_once():
+    model = tiny_model()
+    model.vision.requires_grad_(False)
+    model.train()  # a frozen tower stays in eval mode
+    calls = []
+    model.vision.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
+    torch.manual_seed(1)
+    images = torch.randn(5, 3, 64, 64)
+    expected = model.encode_images(images).detach()
+    model.tower_cache = TowerCache(max_bytes=3 * 64 * 128 * 4)  # room for three images' features
+    first = model.encode_images(images[[0, 1, 2, 3]])
+    again = model.encode_images(images[[3, 2, 4, 1, 0]])
+    torch.testing.assert_close(first, expected[[0, 1, 2, 3]], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(again, expected[[3, 2, 4, 1, 0]], rtol=1e-5, atol=1e-5)
+    # Only the first three fit: the second call recomputes images 3 and 4, in one tower call.
+    assert calls == [5, 4, 2] and len(model.tower_cache.entries) == 3
+    assert (model.tower_cache.hits, model.tower_cache.misses) == (3, 6)
+    assert first.requires_grad  # the projector still trains on cached features
 
 
 def test_model_section_is_a_file_a_mapping_or_both():

@@ -178,6 +178,10 @@ def deepspeed_config(cfg: TrainConfig, world: int) -> dict:
         # ZeRO-3's per-module gather hooks break the compiled graphs (measured: 0.93 s per step
         # against 0.65 s eager, 1.1 B model on one H100): compile pays off under ZeRO-0/1/2 only.
         warnings.warn("compile: true under ZeRO-3 is slower than eager (see README, Benchmarks)", stacklevel=2)
+    if cfg.tower_cache_gb and world > 1 and ds.get("zero_optimization", {}).get("stage") == 3:
+        # ZeRO-3 gathers the tower's weights collectively: a rank whose images all hit its cache
+        # would skip the gather the other ranks wait in.
+        raise ConfigError("tower_cache_gb needs ZeRO stage < 3 with more than one rank (deepspeed: zero2.json)")
     ds.setdefault("steps_per_print", 10**9)  # progress is ours (tqdm + metrics.jsonl), not DeepSpeed's
     return ds
 

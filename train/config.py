@@ -102,6 +102,9 @@ class TrainConfig:
     save_every: int = 100  # resumable checkpoint every N optimizer steps (0 = only at the end)
     keep_checkpoints: int = 2
     activation_checkpointing: bool = False
+    # Keep a frozen tower's outputs in memory (encoders/cache.py), up to this many GiB, so each image
+    # goes through the tower once per run; needs "vision" out of `trainable`, and ZeRO stage < 3.
+    tower_cache_gb: float = 0.0
     compile: bool = False  # torch.compile each LM block (GPU: fuses elementwise kernels; first steps compile)
     output_dir: str = "runs/train"
     export_dir: str | None = None  # default: <output_dir>/model
@@ -128,6 +131,9 @@ class TrainConfig:
         if self.data.group_by_file < 0 or (self.data.group_by_file and self.data.shards):
             raise ConfigError(f"data.group_by_file={self.data.group_by_file} must be >= 0 and groups data.json "
                               "files only (shards stream in order)")
+        if self.tower_cache_gb < 0 or (self.tower_cache_gb and "vision" in self.trainable):
+            raise ConfigError(f"tower_cache_gb={self.tower_cache_gb} caches a frozen tower's outputs: it must be >= 0, "
+                              "and 0 while 'vision' is in trainable")
         if self.data.answer_tokens and not self.data.json:
             raise ConfigError("data.answer_tokens reads the answers of data.json conversations: set data.json")
         for name in ("micro_batch_size", "grad_accum", "max_steps", "log_every", "max_nonfinite", "keep_checkpoints"):

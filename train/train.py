@@ -31,6 +31,7 @@ from mmdlm.config import to_dict
 from mmdlm.data.collate import Collator
 from mmdlm.data.tokenizer import special_ids
 from mmdlm.diffusion import masked_diffusion_loss, next_token_loss
+from mmdlm.encoders.cache import TowerCache
 from mmdlm.errors import report_user_errors
 from mmdlm.multimodal import MMDLM
 from mmdlm.train import checkpoint
@@ -154,6 +155,8 @@ def setup(cfg: TrainConfig, resume: bool) -> Run:
     tokenizer, model = build(cfg, read_conversations(cfg))
     optimizer, scheduler = make_optimizer(model, cfg)
     ds_config = deepspeed_config(cfg, world)
+    if cfg.tower_cache_gb:
+        model.tower_cache = TowerCache(int(cfg.tower_cache_gb * 2**30))
     found = checkpoint.prepare_resume(ckpt_dir, ds_config) if resume else None  # on this or another world size
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
     state = checkpoint.resume(engine, found) if found else checkpoint.TrainState()
