@@ -84,6 +84,7 @@ def run(stage: int, world_dir: Path, out: Path) -> list[dict]:
         f"data.tokenizer={world_dir / 'tokenizer'}", f"data.json=[{world_dir / 'train' / 'qa.json'}]", "init_from=null",
         "init_vision_from=null",
         f"deepspeed={ds}", f"micro_batch_size={ROWS}", "trainable=[vision, projector, lm]",
+        "tower_cache_gb=0",
         "ar_warmup_steps=0", "data.fractions=[]", *SMALL])  # every step masked diffusion, the loss compared row by row
     if rank == 0:
         config = json.loads((ROOT / f"configs/deepspeed/zero{stage}.json").read_text())
