@@ -42,6 +42,7 @@ class LMConfig:
     max_position_embeddings: int | None = None
     initializer_range: float | None = None
     attention: AttentionKind | None = None  # bidirectional (diffusion) or causal (the autoregressive twin)
+    prefix_attention: AttentionKind | None = None  # with prefix-DLM attention: how prefix queries see the prefix
     mask_token_id: int | None = None
     tie_word_embeddings: bool | None = None
     eos_token_id: int | None = None  # kept by transformers as generic config attributes
@@ -71,6 +72,7 @@ class DLMConfig(PretrainedConfig):
         max_position_embeddings: int = 4096,
         initializer_range: float = 0.02,
         attention: AttentionKind = "bidirectional",
+        prefix_attention: AttentionKind = "bidirectional",
         mask_token_id: int | None = None,
         tie_word_embeddings: bool = False,
         **kwargs,
@@ -86,6 +88,9 @@ class DLMConfig(PretrainedConfig):
         self.max_position_embeddings = max_position_embeddings
         self.initializer_range = initializer_range
         self.attention = attention
+        # Only where a call passes prefix_len (prefix-DLM): "causal" encodes the prompt left to right,
+        # as an autoregressive warm-up trained it, while the answer still sees every position.
+        self.prefix_attention = prefix_attention
         self.mask_token_id = mask_token_id
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
         self.validate_sizes()
@@ -202,11 +207,13 @@ def attention_mask_4d(
     causal: bool,
     key_padding: torch.Tensor | None,
     prefix_len: torch.Tensor | int | None,
+    causal_prefix: bool = False,
 ) -> torch.Tensor | None:
     """Return the boolean SDPA mask [B, 1, Lq, Lk] (True = may attend), or None when nothing is masked.
 
     Queries sit at absolute positions start..start+Lq-1, keys at 0..Lk-1. Prefix-DLM: a query
-    inside the prefix attends only prefix keys; a query after it attends everything.
+    inside the prefix attends only prefix keys (with `causal_prefix`, only those up to its own
+    position); a query after it attends everything.
     """
     if not causal and key_padding is None and prefix_len is None:
         return None
@@ -217,7 +224,7 @@ def attention_mask_4d(
         allowed = allowed & (k_pos <= q_pos)
     if prefix_len is not None:
         p = torch.as_tensor(prefix_len, device=device).reshape(-1, 1, 1, 1)  # [B or 1, 1, 1, 1]
-        allowed = allowed & ((q_pos >= p) | (k_pos < p))
+        allowed = allowed & ((q_pos >= p) | ((k_pos <= q_pos) if causal_prefix else (k_pos < p)))
     if key_padding is not None:
         if key_padding.shape[-1] != k_len:
             raise ValueError(f"attention_mask covers {key_padding.shape[-1]} keys, the attention sees {k_len}")
@@ -313,7 +320,7 @@ class DiffusionLM(PreTrainedModel):
             raise ValueError("start > 0 needs a cache holding the keys before it")
         mask = attention_mask_4d(
             B, L, k_len, start, x.device, self.config.attention == "causal" if causal is None else causal,
-            attention_mask, prefix_len,
+            attention_mask, prefix_len, self.config.prefix_attention == "causal",
         )
         for i, block in enumerate(self.layers):
             if self.gradient_checkpointing and self.training:

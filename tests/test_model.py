@@ -61,6 +61,22 @@ def test_prefix_dlm_prefix_logits_ignore_the_answer():
     assert not torch.equal(a[:, 7:], b[:, 7:])
 
 
+def test_causal_prefix_encodes_the_prompt_as_the_causal_twin_and_the_answer_sees_all():
+    """prefix_attention=causal (the demo: after an AR warm-up the prompt keeps its left-to-right encoding)."""
+    model, causal = tiny(prefix_attention="causal"), tiny(attention="causal")
+    ids = torch.randint(0, 60, (2, 12))
+    with torch.no_grad():
+        out = model(ids, prefix_len=7)
+        torch.testing.assert_close(out[:, :7], causal(ids)[:, :7], rtol=0, atol=1e-6)
+        torch.testing.assert_close(model(ids), tiny()(ids), rtol=0, atol=0)  # no prefix_len: bidirectional
+        changed = ids.clone()
+        changed[:, 11] = (changed[:, 11] + 1) % 60
+        assert not torch.equal(model(changed, prefix_len=7)[:, 7], out[:, 7])  # an answer query sees the end
+        cache = KVCache()  # the sampler's prefix cache stays exact
+        model(ids[:, :7], cache=cache, fill_cache=True, prefix_len=7)
+        torch.testing.assert_close(model(ids[:, 7:], cache=cache, start=7), out[:, 7:], atol=1e-5, rtol=0)
+
+
 def test_padding_keys_are_never_attended():
     model = tiny()
     ids = torch.randint(0, 60, (1, 8))

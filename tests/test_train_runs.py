@@ -61,7 +61,8 @@ def sets(world: Path, out: Path, *extra: str) -> list[str]:
              f"output_dir={out}", "micro_batch_size=4", "max_steps=4", "save_every=2", "init_from=null",
              "init_vision_from=null",
              "optim.warmup_steps=10", "data.log_sample_ids=true", "ar_warmup_steps=2",  # both phases
-             "data.fractions=[]", "tower_cache_gb=0", "data.num_workers=0", *extra]  # exact resumes; some train the tower
+             "data.fractions=[]", *extra,
+             "tower_cache_gb=0", "data.num_workers=0"]  # exact resumes; some runs train the tower
     if not any(e.startswith("init_from=") for e in extra):  # a saved folder brings its own shape
         items += SMALL
     return [arg for s in items for arg in ("--set", s)]

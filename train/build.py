@@ -54,6 +54,8 @@ def build(cfg: TrainConfig, conversations: list[list[dict]] | None = None):
         raise ConfigError("objective=autoregressive needs lm.attention=causal (and diffusion needs bidirectional)")
     model.config.image_token_id = ids.image
     model.config.prefix_dlm = cfg.prefix_dlm or bool(getattr(model.config, "prefix_dlm", False))
+    if model.lm.config.prefix_attention == "causal" and not model.config.prefix_dlm:
+        raise ConfigError("model.lm.prefix_attention=causal shapes prefix-DLM attention: set prefix_dlm: true")
     model.lm.config.mask_token_id = ids.mask
     for name in MODULES:
         getattr(model, name).requires_grad_(name in cfg.trainable)
