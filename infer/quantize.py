@@ -11,7 +11,6 @@ the README (VQA accuracy, CIDEr); tests/test_quantize.py bounds the logits' erro
 
 from __future__ import annotations
 
-import logging
 from typing import Literal
 
 import torch
@@ -38,8 +37,6 @@ def quantize_lm(lm: nn.Module, kind: Quantize) -> nn.Module:
     if kind == "fp8" and (device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9)):
         raise QuantizeError(f"--quantize fp8 needs a GPU of compute capability 8.9 or newer (Ada, Hopper); the "
                             f"model is on {device}: use --quantize int8")
-    # torchao's import notes (torch's pytree registrations) are noise on a command line
-    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
     try:
         from torchao.quantization import (
             Float8DynamicActivationFloat8WeightConfig,
