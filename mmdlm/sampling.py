@@ -81,8 +81,9 @@ class SamplerConfig:
     float64_confidence: bool = False  # LLaDA-V ranks by a float64 softmax (LLaDA by float32)
     # Static shapes for CUDA graphs: finished rows stay in the batch (frozen), the KV cache is written in place,
     # and the host looks at the canvas (is the block filled, is every row finished?) only every check_every steps.
+    # A check reads one bool; a step run past the end is a whole forward wasted (a VQA answer takes ~2 forwards).
     static: bool = False
-    check_every: int = 4
+    check_every: int = 1
 
     @property
     def parallel(self) -> bool:
