@@ -4,6 +4,7 @@
     python infer/infer.py --model DIR --image a.jpg --caption --show-steps steps.gif
     python infer/infer.py --model DIR --input qa.json --output answers.jsonl
     python infer/infer.py --model DIR --image a.jpg --question "..." --template "It is <mask><mask>."
+    python infer/infer.py --model DIR --input qa.json --static --quantize int8   # fixed shapes, int8 weights
 
 Bad input (a missing, empty, non-image, truncated or decompression-bomb sized image, an empty
 question, a prompt longer than the model's context, a model folder without weights) ends with one
