@@ -3,6 +3,7 @@
     python infer/benchmark.py --model DIR --data WORLD [--limit 50] [--plot frontier.png]
     python infer/benchmark.py --prefix-tokens 256       # prefix-cache speedup on a random-init LM
     python infer/benchmark.py --llada-v --model DIR --input qa.json   # a converted LLaDA-V (infer/llada_v_bench.py)
+    python infer/benchmark.py --speed --shape 8b --dtype bfloat16   # ms/forward, answers/s, AR, int8 (infer/speed.py)
 
 With a model: for VQA (WORLD/test/qa.json) and captions (WORLD/test/captions.json) it prints, per
 setting, the score (VQA accuracy / CIDEr), forward passes and tokens per forward per sample, the
@@ -261,9 +262,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--llada-v", action="store_true", help="the LLaDA-V ladder: --model and --input, or --shape")
     p.add_argument("--input", help="--llada-v: LLaVA JSON of questions (image paths beside it)")
-    p.add_argument("--shape", choices=["small", "8b"], help="--llada-v: random weights in LLaDA-V's layout")
-    p.add_argument("--gen-length", type=int, default=16, help="--llada-v: answer canvas (one block)")
+    p.add_argument("--shape", choices=["small", "8b"], help="--llada-v, --speed: random weights at this shape")
+    p.add_argument("--gen-length", type=int, default=16, help="--llada-v, --speed: answer canvas (one block)")
+    p.add_argument("--speed", action="store_true", help="ms/forward, answers/s, AR baseline, low-bit weights")
+    p.add_argument("--max-batch", type=int, default=64, help="--speed: the largest of batches 1, 8, 64 to run")
     args = p.parse_args(argv)
+    if args.speed:
+        from mmdlm.infer.speed import run as speed
+
+        args.shape = args.shape or "small"
+        return speed(args)
     if args.llada_v:
         from mmdlm.infer.llada_v_bench import run
 

@@ -4,6 +4,7 @@
     python infer/infer.py --model DIR --image a.jpg --caption --show-steps steps.gif
     python infer/infer.py --model DIR --input qa.json --output answers.jsonl
     python infer/infer.py --model DIR --image a.jpg --question "..." --template "It is <mask><mask>."
+    python infer/infer.py --model DIR --input qa.json --static --quantize int8   # fixed shapes, int8 weights
 
 Bad input (a missing, empty, non-image, truncated or decompression-bomb sized image, an empty
 question, a prompt longer than the model's context, a model folder without weights) ends with one
@@ -31,6 +32,7 @@ from mmdlm.data.synthetic import CAPTION_PROMPT
 from mmdlm.data.template import ChatEncoder, expand_image_runs, place_image_tokens, turn_role
 from mmdlm.data.tokenizer import load_tokenizer, special_ids
 from mmdlm.errors import UserError, report_user_errors
+from mmdlm.infer.quantize import QUANTIZE, quantize_lm
 from mmdlm.sampling import SamplerConfig, generate
 
 # Short answers fit one block; captions run in two semi-autoregressive blocks. Threshold decoding
@@ -260,10 +262,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "exact under prefix-DLM attention (which it switches on); block: Fast-dLLM DualCache, "
                         "approximate")
     s.add_argument("--no-early-stop", action="store_true", help="decode the whole canvas even after the answer ends")
+    s.add_argument("--static", action="store_true",
+                   help="static shapes: no host sync per step, CUDA graphs on a GPU (same answers as without)")
     s.add_argument("--temperature", type=float, default=0.0)
     s.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--quantize", choices=QUANTIZE, default="none",
+                   help="the LM's Linear weights: int8 weight-only (torchao; CPU, GPU) or fp8 (GPU, compute 8.9+)")
     p.add_argument("--show-steps", nargs="?", const="-", metavar="PNG|GIF",
                    help="print the order in which tokens were unmasked, or save it as .png / .gif")
     return p
@@ -289,7 +295,7 @@ def sampler_config(args: argparse.Namespace, task: str, answerer: Answerer) -> S
                    float64_confidence=bool(answerer.sampler_defaults.get("float64_confidence", False)))
     config = SamplerConfig(**options, confidence=args.confidence, temperature=args.temperature,
                            prefix_dlm=answerer.prefix_dlm, early_stop=not args.no_early_stop, eos_id=special.eos,
-                           stop_ids=(special.eot,)).with_cache(cache)
+                           stop_ids=(special.eot,), static=getattr(args, "static", False)).with_cache(cache)
     try:
         config.validate()
     except ValueError as error:
@@ -321,6 +327,7 @@ def run(args: argparse.Namespace) -> int:
     if args.show_steps not in (None, "-") and Path(args.show_steps).suffix.lower() not in (".png", ".gif"):
         raise InferError(f"--show-steps {args.show_steps}: give a .png or .gif path, or no path to print the steps")
     model, tokenizer = load_model(args.model, args.device)
+    quantize_lm(model.lm, args.quantize)
     answerer = Answerer(model, tokenizer)
     config = sampler_config(args, task, answerer)
     canvas = None

@@ -17,7 +17,13 @@ whole model, "mmdlm_lm": the language model alone), so that after `import mmdlm`
 `AutoConfig.from_pretrained(folder)` and `AutoModel.from_pretrained(folder)` load a model folder.
 """
 
-from mmdlm.model import DiffusionLM, DLMConfig
-from mmdlm.multimodal import MMDLM, MMDLMConfig  # importing them registers both model types
+import logging
+
+# transformers imports torchao (the `quant` extra) whenever it is installed, and torchao's import makes torch
+# log two deprecation notes about torchao's own code on every command: nothing a user can act on.
+logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
+
+from mmdlm.model import DiffusionLM, DLMConfig  # noqa: E402
+from mmdlm.multimodal import MMDLM, MMDLMConfig  # noqa: E402 (importing them registers both model types)
 
 __all__ = ["MMDLM", "MMDLMConfig", "DiffusionLM", "DLMConfig"]

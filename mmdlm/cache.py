@@ -7,6 +7,11 @@ One object serves both caches of the design:
 - block cache (Fast-dLLM DualCache) for fully bidirectional models: keys/values of the whole
   sequence are refreshed at each block start and, within the block, only the block is recomputed
   while the cached prefix and suffix stand in for the rest (approximate: they are a block stale).
+
+`static=True` keeps one buffer per layer, sized by the first (full-length) forward, and writes each
+later window into it in place instead of concatenating a new tensor: fixed addresses for CUDA
+graphs, no allocation per step. It returns the same keys and values, because the sampler's every
+forward writes its window before reading it, and no one reads a window that a forward did not store.
 """
 
 from __future__ import annotations
@@ -17,9 +22,10 @@ import torch
 class KVCache:
     """Per-layer keys and values [B, H_kv, T, d] for absolute positions 0..T-1."""
 
-    def __init__(self) -> None:
+    def __init__(self, static: bool = False) -> None:
         self.keys: list[torch.Tensor | None] = []
         self.values: list[torch.Tensor | None] = []
+        self.static = static
 
     @property
     def length(self) -> int:
@@ -43,19 +49,24 @@ class KVCache:
         old_k, old_v = self.keys[layer], self.values[layer]
         if old_k is not None:
             end = start + k.shape[2]
-            if start > old_k.shape[2]:
+            if start > old_k.shape[2] or (self.static and end > old_k.shape[2]):
                 raise ValueError(f"cache holds {old_k.shape[2]} positions, cannot continue at {start}")
+            if self.static:
+                old_k[:, :, start:end], old_v[:, :, start:end] = k, v
+                return old_k, old_v
             k = torch.cat([old_k[:, :, :start], k, old_k[:, :, end:]], dim=2)
             v = torch.cat([old_v[:, :, :start], v, old_v[:, :, end:]], dim=2)
         elif start != 0:
             raise ValueError(f"empty cache cannot serve queries starting at position {start}")
-        if store:
+        if store and self.static:  # the buffer: contiguous, as the concatenations of the dynamic cache are
+            self.keys[layer], self.values[layer] = k.contiguous(), v.contiguous()
+        elif store:
             self.keys[layer], self.values[layer] = k, v
         return k, v
 
     def select(self, rows: torch.Tensor) -> KVCache:
         """Return a cache holding only the given batch rows (for rows that finished early)."""
-        out = KVCache()
+        out = KVCache(self.static)
         out.keys = [k[rows] for k in self.keys]
         out.values = [v[rows] for v in self.values]
         return out

@@ -20,10 +20,17 @@ Every option hangs off that loop as a small named helper:
 Rows of a batch move through the blocks together (a row that has filled its block waits, and
 commits nothing); left-padded rows get their unpadded RoPE positions, so a row's tokens do not
 depend on its batch. `commit_step` records when each token was committed (for --show-steps).
+
+`static=True` is the same loop with fixed shapes, for CUDA graphs: `_step` (forward, prediction,
+commit rule, counters) runs on the device without reading anything back, a finished row stays in
+the batch frozen instead of leaving it, the KV cache is written in place, and the host checks
+whether a block is filled or every row finished only every `check_every` steps. A step taken after
+everything was done commits nothing and counts nowhere, so both paths return the same output.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Literal, get_args
@@ -47,6 +54,7 @@ Remasking = Literal["low_confidence", "random"]
 Confidence = Literal["probability", "margin", "entropy"]
 Cache = Literal["none", "prefix", "block"]
 CONFIDENCES, CACHES = get_args(Confidence), get_args(Cache)
+GRAPH_DEVICES = ("cuda",)  # where the static path compiles its step (torch.compile, CUDA graphs)
 
 __all__ = ["SampleOutput", "SamplerConfig", "add_gumbel_noise", "confidence_of", "generate", "parallel_count",
            "tokens_per_step"]
@@ -71,6 +79,11 @@ class SamplerConfig:
     # LLaDA-V's rule: these ids may never be chosen at a masked position (its BOS, EOS and header ids)
     suppress_ids: tuple[int, ...] = ()
     float64_confidence: bool = False  # LLaDA-V ranks by a float64 softmax (LLaDA by float32)
+    # Static shapes for CUDA graphs: finished rows stay in the batch (frozen), the KV cache is written in place,
+    # and the host looks at the canvas (is the block filled, is every row finished?) only every check_every steps.
+    # A check reads one bool; a step run past the end is a whole forward wasted (a VQA answer takes ~2 forwards).
+    static: bool = False
+    check_every: int = 1
 
     @property
     def parallel(self) -> bool:
@@ -105,6 +118,8 @@ class SamplerConfig:
             raise ValueError("threshold/factor decoding ranks by confidence: use remasking='low_confidence'")
         if self.early_stop and self.eos_id is None:
             raise ValueError("early_stop needs eos_id (the token that ends an answer and fills its tail)")
+        if self.check_every < 1:
+            raise ValueError(f"check_every={self.check_every} must be at least 1")
         if self.cache == "prefix" and not self.prefix_dlm:
             raise ValueError("the prefix cache is exact only with prefix-DLM attention: set prefix_dlm=True "
                              "(SamplerConfig.with_cache('prefix') does)")
@@ -154,6 +169,7 @@ class _Rows:
     """The rows still being generated; every per-row tensor, so a finished row leaves them all."""
 
     index: torch.Tensor  # [n] row in the caller's batch
+    active: torch.Tensor  # [n] bool: still generating (only the static path keeps finished rows, frozen)
     tokens: torch.Tensor  # [n, P+G] the prompt (ids, or placeholders for embeddings), then the canvas
     commit_step: torch.Tensor  # [n, P+G] forward that committed each position (0 given, -1 still masked)
     is_prompt: torch.Tensor  # [n, P+G] positions of the prompt, never committed
@@ -179,7 +195,7 @@ class _Run:
     tokens: torch.Tensor  # [B, G] the output canvas
     commit_step: torch.Tensor  # [B, G]
     row_forwards: torch.Tensor  # [B]
-    forward_passes: int = 0
+    forward_passes: torch.Tensor  # [] forwards that had work to do, on the device (the static path takes no others)
 
 
 @dataclass(frozen=True)
@@ -207,8 +223,8 @@ def _start_rows(prompt: Prompt, mask_id: int, canvas: torch.Tensor | None, gen_l
     else:
         is_prompt[:, :P] = True
     commit_step = torch.where(tokens == mask_id, -1, 0)
-    return _Rows(torch.arange(B, device=prompt.device), tokens, commit_step, is_prompt, prompt.key_mask,
-                 prompt.position_ids, prompt.embeds)
+    return _Rows(torch.arange(B, device=prompt.device), torch.ones(B, dtype=torch.bool, device=prompt.device),
+                 tokens, commit_step, is_prompt, prompt.key_mask, prompt.position_ids, prompt.embeds)
 
 
 @torch.no_grad()
@@ -229,6 +245,7 @@ def generate(
     gen_length] is a template: its mask ids are holes to fill, every other token stays fixed.
     `on_forward(row index [n], canvas [n, G], commit_step [n, G])`, if given, sees after every forward the rows
     that took part in it (read-only views; committed tokens never change): a server streams answers from it.
+    On the static path that is every row; a finished row's canvas no longer changes.
     """
     config.validate()
     prompt = read_prompt(prefix_ids, prefix_embeds, attention_mask, config.gen_length,
@@ -239,9 +256,14 @@ def generate(
     prompt_holes = prompt.ids is not None and bool((prompt.ids == mask_id).any())
     if prompt_holes and config.cache != "none":
         raise ValueError("the prompt holds mask tokens, which a cached prefix cannot refill: pass them as `canvas`")
-    run = _Run(model, config, mask_id, P, prompt.stop_ids, None if config.cache == "none" else KVCache(),
-               rows.tokens[:, P:].clone(), rows.commit_step[:, P:].clone(),
-               torch.zeros(prompt.batch_size, dtype=torch.long, device=prompt.device))
+    device = prompt.device
+    cache = None if config.cache == "none" else KVCache(static=config.static)
+    run = _Run(model, config, mask_id, P, prompt.stop_ids, cache, rows.tokens[:, P:].clone(),
+               rows.commit_step[:, P:].clone(), torch.zeros(prompt.batch_size, dtype=torch.long, device=device),
+               torch.zeros((), dtype=torch.long, device=device))
+    graphs = config.static and device.type in GRAPH_DEVICES  # on a CPU the same static code runs eagerly
+    if graphs:
+        _pin(run, rows)
     steps_per_block = config.steps // (G // config.block_length)
     for start in range(P, P + G, config.block_length):
         end = start + config.block_length
@@ -249,30 +271,79 @@ def generate(
         if not config.parallel:
             rows.schedule = tokens_per_step((rows.tokens[:, start:end] == mask_id).sum(1), steps_per_block)
         step = 0
-        while len(rows.index) and (
-            (rows.tokens[:, start:end] == mask_id).any() if config.parallel else step < steps_per_block
-        ):
+        while _block_open(run, rows, start, end, step, steps_per_block):
             window = _window(run, step, start, end, first)
-            logits = _logits(run, rows, window)  # [n, end of window - logits_from, V]
-            run.forward_passes += 1
-            run.row_forwards[rows.index] += 1
-            chosen, confidence = _predict(run, logits, window, first, end)  # [n, end - first] each
-            holes = (rows.tokens[:, first:end] == mask_id) & ~rows.is_prompt[:, first:end]
-            commit = _commit_rule(config, confidence, holes, None if config.parallel else rows.schedule[:, step])
-            rows.tokens[:, first:end][commit] = chosen[commit]
-            rows.commit_step[:, first:end][commit] = run.forward_passes
+            # A forward that fills the cache allocates its buffers: it runs eagerly, the steps between replay graphs.
+            step_fn = _step_graph() if graphs and not window.fill_cache else _step
+            step_fn(run, rows, window, start, first, end, None if config.parallel else rows.schedule[:, step])
+            if graphs and window.fill_cache:
+                _pin(run, rows)
             step += 1
             if on_forward is not None:
                 on_forward(rows.index, rows.tokens[:, P:], rows.commit_step[:, P:])
-            if config.early_stop:
-                done = finished(rows.tokens[:, P:], mask_id, run.stop_ids)
-                if done.any():
-                    rows = _retire(run, rows, done)
-        # Here the block [start, end) is committed: every row still in the batch has filled it.
+            if config.early_stop and not config.static and not rows.active.all():
+                rows = _retire(run, rows, ~rows.active)
+        # Here the block [start, end) is committed: every row still generating has filled it.
     if len(rows.index):
-        _retire(run, rows, torch.ones(len(rows.index), dtype=torch.bool, device=prompt.device))
-    return SampleOutput(run.tokens, run.forward_passes, run.commit_step, run.row_forwards,
+        _retire(run, rows, torch.ones(len(rows.index), dtype=torch.bool, device=device))
+    return SampleOutput(run.tokens, int(run.forward_passes), run.commit_step, run.row_forwards,
                         answer_lengths(run.tokens, run.stop_ids))
+
+
+def _block_open(run: _Run, rows: _Rows, start: int, end: int, step: int, steps_per_block: int) -> bool:
+    """Return whether the block [start, end) needs another step: some row still generating has work in it.
+
+    A fixed schedule has `steps_per_block` steps; a parallel rule runs until the block is filled. This
+    is the loop's one read from the device: the static path makes it only every `check_every` steps.
+    """
+    config = run.config
+    if not config.parallel and step >= steps_per_block:
+        return False
+    if config.static and step % config.check_every:
+        return True  # between checks the device runs on without waiting for the host
+    if not config.parallel:  # eager: finished rows have left the batch; static without early stop: none finish
+        return bool(rows.active.any()) if config.static and config.early_stop else len(rows.index) > 0
+    return bool((rows.active & (rows.tokens[:, start:end] == run.mask_id).any(1)).any())
+
+
+def _step(run: _Run, rows: _Rows, window: _Window, start: int, first: int, end: int,
+          scheduled: torch.Tensor | None) -> None:
+    """Run one forward over `window` and commit into [first, end) what the rule allows, without a host sync.
+
+    A forward counts when some row still generating has work in the block [start, end) (a hole under a
+    parallel rule, a step under the schedule): in the eager loop always, in the static loop all but the
+    steps taken after everything was done, which commit nothing. Frozen (finished) rows commit nothing.
+    """
+    config, mask_id = run.config, run.mask_id
+    logits = _logits(run, rows, window)  # [n, end of window - logits_from, V]
+    chosen, confidence = _predict(run, logits, window, first, end)  # [n, end - first] each
+    working = rows.active & (rows.tokens[:, start:end] == mask_id).any(1) if config.parallel else rows.active
+    counts = working.any()  # [] bool
+    run.forward_passes += counts
+    run.row_forwards[rows.index] += rows.active & counts
+    holes = (rows.tokens[:, first:end] == mask_id) & ~rows.is_prompt[:, first:end] & rows.active[:, None]
+    commit = _commit_rule(config, confidence, holes, scheduled)  # [n, end - first]
+    rows.tokens[:, first:end] = torch.where(commit, chosen, rows.tokens[:, first:end])
+    rows.commit_step[:, first:end] = torch.where(commit, run.forward_passes, rows.commit_step[:, first:end])
+    if config.early_stop:
+        rows.active &= ~finished(rows.tokens[:, run.prefix_len :], mask_id, run.stop_ids)
+
+
+def _pin(run: _Run, rows: _Rows) -> None:
+    """Mark the tensors a step writes in place as fixed inputs: a CUDA graph then replays on them, not on copies."""
+    cache = [] if run.cache is None else [*run.cache.keys, *run.cache.values]
+    for tensor in (rows.tokens, rows.commit_step, rows.active, run.row_forwards, run.forward_passes, *cache):
+        torch._dynamo.mark_static_address(tensor)
+
+
+@functools.cache
+def _step_graph(backend: str = "inductor", mode: str | None = "reduce-overhead"):
+    """Return `_step` compiled whole (fullgraph: no host sync can hide in it); by default into CUDA graphs.
+
+    One graph per window and block (the Python ints of a step are constants to it); the static path's
+    tokens and KV buffers keep their addresses within a request, so a replay reads and writes them in place.
+    """
+    return torch.compile(_step, backend=backend, mode=mode, fullgraph=True)
 
 
 def _window(run: _Run, step: int, block_start: int, block_end: int, first: int) -> _Window:
@@ -350,10 +421,11 @@ def _commit_rule(config: SamplerConfig, confidence: torch.Tensor, holes: torch.T
         count = torch.minimum(parallel_count(confidence, config.threshold, config.factor), holes.sum(1))
     else:
         count = scheduled
-    commit = torch.zeros_like(holes)
-    top = confidence.topk(int(count.max()), dim=1).indices  # [n, k] the most confident first
-    commit.scatter_(1, top, torch.arange(top.shape[1], device=holes.device) < count[:, None])
-    return commit & holes
+    # Each position's rank, ties to the earlier position: the same order whatever the count, read on the device.
+    order = confidence.sort(dim=1, descending=True, stable=True).indices  # [n, W] the most confident first
+    positions = torch.arange(order.shape[1], device=order.device).expand_as(order)
+    rank = torch.empty_like(order).scatter_(1, order, positions)  # [n, W] 0 for the most confident
+    return (rank < count[:, None]) & holes
 
 
 def _retire(run: _Run, rows: _Rows, done: torch.Tensor) -> _Rows:

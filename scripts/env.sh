@@ -12,7 +12,7 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     # pip's notes about this machine's local package mirrors are noise to a user: filter them.
-    if ! "$venv/bin/python" -m pip install -q -e "$root[dev,lora,eval,serve]" 2>&1 | { grep -v "ignored: it is neither" || true; }; then
+    if ! "$venv/bin/python" -m pip install -q -e "$root[dev,lora,eval,serve,quant]" 2>&1 | { grep -v "ignored: it is neither" || true; }; then
         echo "[env] pip install failed (see above)" >&2
         exit 1
     fi

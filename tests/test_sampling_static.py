@@ -1,0 +1,203 @@
+"""The static-shape sampler (SamplerConfig.static) returns exactly what the eager one returns."""
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from mmdlm import sampling
+from mmdlm.decoding import finished
+from mmdlm.llada import load_llada
+from mmdlm.model import DiffusionLM, DLMConfig
+from mmdlm.sampling import SamplerConfig, generate
+
+MASK, EOS, EOT = 39, 38, 37
+
+
+def tiny() -> DiffusionLM:
+    torch.manual_seed(0)
+    cfg = DLMConfig(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, mask_token_id=MASK, initializer_range=0.5)
+    return DiffusionLM(cfg).eval()
+
+
+class EosBias(nn.Module):
+    """A tiny LM that favours EOS by `bias`: answers end early, each row at its own position."""
+
+    def __init__(self, lm: DiffusionLM, bias: float):
+        super().__init__()
+        self.lm, self.bias = lm, bias
+
+    def get_input_embeddings(self):
+        return self.lm.get_input_embeddings()
+
+    def forward(self, **kwargs):
+        logits = self.lm(**kwargs)
+        logits[..., EOS] += self.bias
+        return logits
+
+
+def ragged_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    """Return three left-padded prompts (ids [3, 7], attention mask [3, 7]) of 7, 4 and 2 tokens."""
+    torch.manual_seed(1)
+    ids = torch.randint(0, 36, (3, 7))
+    mask = torch.arange(7)[None, :] >= torch.tensor([[0], [3], [5]])
+    return ids * mask, mask
+
+
+def same_output(a, b) -> None:
+    assert torch.equal(a.tokens, b.tokens)
+    assert torch.equal(a.commit_step, b.commit_step)
+    assert torch.equal(a.row_forwards, b.row_forwards) and torch.equal(a.lengths, b.lengths)
+    assert a.forward_passes == b.forward_passes
+
+
+STOP = dict(early_stop=True, eos_id=EOS, stop_ids=(EOT,))
+OPTIONS = {
+    "steps": dict(steps=16),
+    "steps-short-blocks": dict(steps=8, block_length=4),
+    "steps-early-stop": dict(steps=16, **STOP),
+    "threshold": dict(threshold=0.3),
+    "threshold-early-stop": dict(threshold=0.3, **STOP),
+    "factor-early-stop": dict(factor=2.0, **STOP),
+    "margin": dict(threshold=0.2, confidence="margin", **STOP),
+    "entropy": dict(threshold=0.2, confidence="entropy", **STOP),
+    "cfg": dict(steps=16, cfg_scale=1.0, **STOP),
+    "suppress-float64": dict(threshold=0.3, suppress_ids=(5, 6), float64_confidence=True, **STOP),
+}
+
+
+@pytest.mark.parametrize("cache", ["none", "prefix", "block"])
+@pytest.mark.parametrize("option", OPTIONS)
+def test_static_path_gives_the_eager_output(option, cache):
+    model = EosBias(tiny(), bias=0.6)
+    ids, mask = ragged_batch()
+    config = SamplerConfig(**{"gen_length": 16, "block_length": 8, **OPTIONS[option]}).with_cache(cache)
+    eager = generate(model, ids, mask_id=MASK, config=config, attention_mask=mask)
+    for check_every in (1, 3):
+        same_output(eager, generate(model, ids, mask_id=MASK, config=replace(config, static=True,
+                                                                            check_every=check_every),
+                                    attention_mask=mask))
+    if "early_stop" in OPTIONS[option]:
+        assert (eager.lengths < 16).any()  # the case is exercised: some row stopped early
+
+
+@pytest.mark.parametrize("embeds", [False, True])
+def test_static_path_with_embeddings_templates_and_prompt_holes(embeds):
+    lm = tiny()
+    torch.manual_seed(2)
+    prompt = torch.randint(0, 36, (2, 6))
+    canvas = torch.full((1, 16), MASK)
+    canvas[0, [2, 9]] = torch.tensor([5, EOT])
+    config = SamplerConfig(gen_length=16, block_length=8, threshold=0.4, **STOP)
+    arg = dict(prefix_embeds=lm.get_input_embeddings()(prompt)) if embeds else dict(prefix_ids=prompt)
+    for c in (config, config.with_cache("prefix")):
+        eager = generate(lm, mask_id=MASK, config=c, canvas=canvas, **arg)
+        same_output(eager, generate(lm, mask_id=MASK, config=replace(c, static=True), canvas=canvas, **arg))
+    holes = prompt.clone()
+    holes[:, 2] = MASK  # LLaDA fills mask ids inside the prompt too
+    config = SamplerConfig(gen_length=16, block_length=8, steps=8)
+    same_output(generate(lm, holes, mask_id=MASK, config=config),
+                generate(lm, holes, mask_id=MASK, config=replace(config, static=True)))
+
+
+@pytest.mark.parametrize("name", ["llada-tiny-mha", "llada-tiny-gqa"])
+def test_static_path_reproduces_llada_reference_samples(llada_fixtures, name):
+    """Every sampling case of the fixtures (greedy, temperature 1, random remasking, CFG) on the static path."""
+    model = load_llada(llada_fixtures / name)
+    prompt = load_file(str(llada_fixtures / name / "expected.safetensors"))["prompt"]
+    spec = json.loads((llada_fixtures / name / "samples.json").read_text())
+    for case, c in spec["cases"].items():
+        args = dict(c["args"])
+        seed = args.pop("seed")
+        if seed is not None:
+            torch.manual_seed(seed)
+        config = SamplerConfig(**args, static=True)
+        out = generate(model, prompt, mask_id=spec["mask_id"], config=config)
+        assert out.tokens[0].tolist() == c["expected_generated"], case
+
+
+class HostReads(TorchDispatchMode):
+    """Counts the operations that make the host wait for the device: a scalar read, or a data-dependent shape."""
+
+    SYNCING = {"_local_scalar_dense", "nonzero", "masked_select"}
+
+    def __init__(self):
+        super().__init__()
+        self.reads: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        bool_index = name in ("index", "index_put", "index_put_") and any(
+            isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1])
+        if name in self.SYNCING or bool_index:
+            self.reads.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_static_step_never_waits_for_the_device_and_the_loop_rarely_does(monkeypatch):
+    model = EosBias(tiny(), bias=0.6)
+    ids, mask = ragged_batch()
+    config = SamplerConfig(gen_length=16, block_length=8, threshold=0.3, **STOP).with_cache("prefix")
+    in_steps = []
+
+    def watched_step(*args):
+        with HostReads() as reads:
+            sampling._step.__wrapped__(*args)
+        in_steps.extend(reads.reads)
+
+    watched_step.__wrapped__ = sampling._step
+    for static in (False, True):
+        monkeypatch.setattr(sampling, "_step", sampling._step.__wrapped__ if static else watched_step)
+        with HostReads() as everything:
+            out = generate(model, ids, mask_id=MASK, config=replace(config, static=static, check_every=4),
+                           attention_mask=mask)
+        if static:
+            static_reads = len(everything.reads)
+        else:
+            eager_reads, forwards = len(everything.reads), out.forward_passes
+    assert in_steps == []  # the eager path runs the same step: no host read inside it either
+    assert forwards >= 4 and static_reads < eager_reads / 2
+
+
+def test_a_frozen_row_never_changes_after_it_finished():
+    model = EosBias(tiny(), bias=0.6)
+    ids, mask = ragged_batch()
+    config = SamplerConfig(gen_length=16, block_length=8, threshold=0.3, static=True, check_every=8, **STOP)
+    seen = []
+    out = generate(model, ids, mask_id=MASK, config=config, attention_mask=mask,
+                   on_forward=lambda rows, canvas, steps: seen.append(canvas.clone()))
+    done = [finished(canvas, MASK, torch.tensor([EOS, EOT])) for canvas in seen]
+    stopped = out.lengths < 16
+    assert stopped.any() and len(seen) > out.forward_passes  # checks every 8 steps: steps ran after a row finished
+    for row in stopped.nonzero()[:, 0]:
+        first = next(k for k, d in enumerate(done) if d[row])
+        assert all(torch.equal(seen[first][row], later[row]) for later in seen[first:])
+
+
+def test_the_graph_path_traces_each_step_as_one_graph(monkeypatch):
+    """The GPU's control flow on a CPU: steps compiled whole (fullgraph, the eager backend), cache fills eager."""
+    model = EosBias(tiny(), bias=0.6)
+    ids, mask = ragged_batch()
+    config = SamplerConfig(gen_length=16, block_length=8, threshold=0.3, static=True, **STOP)
+    expected = {c: generate(model, ids, mask_id=MASK, config=config.with_cache(c), attention_mask=mask)
+                for c in ("prefix", "block")}
+    torch._dynamo.reset()
+    monkeypatch.setattr(sampling, "GRAPH_DEVICES", ("cuda", "cpu"))
+    eager_backend = sampling._step_graph("eager", None)
+    monkeypatch.setattr(sampling, "_step_graph", lambda: eager_backend)
+    try:
+        for cache, eager in expected.items():
+            same_output(eager, generate(model, ids, mask_id=MASK, config=config.with_cache(cache),
+                                        attention_mask=mask))
+    finally:
+        torch._dynamo.reset()
+
+
+def test_check_every_must_be_positive():
+    with pytest.raises(ValueError, match="check_every=0 must be at least 1"):
+        SamplerConfig(static=True, check_every=0).validate()
