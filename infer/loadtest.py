@@ -5,7 +5,10 @@
 
 With --model it starts one server per --batch-sizes entry (mmdlm-serve --max-batch-size B, on a
 free 127.0.0.1 port), sends each the same bounded list of requests from --clients concurrent
-clients, stops it, and prints one table row per server with the speedup over the first row.
+clients, and prints one table row per server with the speedup over the first row. With
+--repeats N the servers take turns N times (A B A B ...: on a shared machine a change in the
+neighbours' load hits both alike), and the table gives the medians and the median of each
+round's speedup; every round is printed too.
 With --url it measures a server already running; only loopback addresses are accepted. The
 requests are the questions of a LLaVA file (--input; default: 16 freshly drawn demo-world
 scenes), every --caption-every-th one a caption; each client gives up on a request after --timeout s.
@@ -132,11 +135,23 @@ def start_server(model: str, batch_size: int, threads: int | None, wait: float =
 def table(rows: list[tuple[str, dict]], clients: int) -> str:
     lines = ["| server | clients | requests | errors | requests/s | p50 latency (s) | p99 latency (s) | mean batch "
              "| speedup |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    base = rows[0][1]["rps"]
     for name, m in rows:
         lines.append(f"| {name} | {clients} | {m['requests']} | {len(m['errors'])} | {m['rps']:.2f} | {m['p50']:.2f} "
-                     f"| {m['p99']:.2f} | {m['mean_batch']:.1f} | {m['rps'] / base:.2f}x |")
+                     f"| {m['p99']:.2f} | {m['mean_batch']:.1f} | {m['speedup']:.2f}x |")
     return "\n".join(lines)
+
+
+def medians(rounds: list[list[dict]]) -> list[dict]:
+    """Return one row per server: the median of each measure over the rounds, the speedup the median of each
+    round's ratio to the first server's requests/s; errors and requests summed."""
+    rows = []
+    for k in range(len(rounds[0])):
+        runs = [r[k] for r in rounds]
+        row = {key: statistics.median(m[key] for m in runs) for key in ("rps", "p50", "p99", "mean_batch")}
+        row["speedup"] = statistics.median(r[k]["rps"] / r[0]["rps"] for r in rounds)
+        row.update(requests=sum(m["requests"] for m in runs), errors=[e for m in runs for e in m["errors"]])
+        rows.append(row)
+    return rows
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -146,7 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     target.add_argument("--url", help="a running server on this machine, e.g. http://127.0.0.1:8000")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32], help="--max-batch-size of each server")
     p.add_argument("--clients", type=int, default=32, help="concurrent clients (at most 256)")
-    p.add_argument("--requests", type=int, default=128, help="requests per server (at most 4096)")
+    p.add_argument("--requests", type=int, default=128, help="requests per server and round (at most 4096)")
+    p.add_argument("--repeats", type=int, default=1, help="rounds, the servers taking turns (at most 20)")
     p.add_argument("--input", help="LLaVA JSON whose questions and images to send (default: 16 demo-world scenes)")
     p.add_argument("--caption-every", type=int, default=4, help="every N-th request asks for a caption (0: none)")
     p.add_argument("--max-tokens", type=int, default=32, help="answer canvas of every request")
@@ -157,28 +173,39 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    if not 1 <= args.clients <= 256 or not 1 <= args.requests <= 4096:
-        raise InferError("--clients must be in [1, 256] and --requests in [1, 4096]: the load test is bounded")
+    if not 1 <= args.clients <= 256 or not 1 <= args.requests <= 4096 or not 1 <= args.repeats <= 20:
+        raise InferError("--clients must be in [1, 256], --requests in [1, 4096] and --repeats in [1, 20]: "
+                         "the load test is bounded")
     bodies = request_bodies(args.input, args.requests, args.max_tokens, args.threshold, args.caption_every)
     warmup = bodies[: min(4, len(bodies))]
-    rows = []
-    targets = [(None, loopback(args.url))] if args.url else [(b, None) for b in args.batch_sizes]
-    for batch_size, url in targets:
-        process = None
-        if url is None:
+    names, urls, processes = [], [], []
+    try:
+        if args.url:
+            names, urls = [args.url], [loopback(args.url)]
+        for batch_size in [] if args.url else args.batch_sizes:
             process, url = start_server(args.model, batch_size, args.threads)
-        try:
+            processes.append(process)
+            names.append(f"max batch {batch_size}")
+            urls.append(url)
+        for url in urls:
             asyncio.run(hammer(url, warmup, len(warmup), args.timeout))
-            measured = asyncio.run(hammer(url, bodies, args.clients, args.timeout))
-        finally:
-            if process is not None:
-                process.terminate()
-                process.wait(timeout=60)
-        for error in measured["errors"][:3]:
+        rounds = []
+        for k in range(args.repeats):
+            rounds.append([asyncio.run(hammer(url, bodies, args.clients, args.timeout)) for url in urls])
+            if args.repeats > 1:
+                print(f"round {k + 1}: " + ", ".join(f"{n} {m['rps']:.2f} req/s ({len(m['errors'])} errors)"
+                                                     for n, m in zip(names, rounds[-1])), flush=True)
+    finally:
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            process.wait(timeout=60)
+    rows = medians(rounds)
+    for row in rows:
+        for error in row["errors"][:3]:
             print(f"error: {error}", file=sys.stderr)
-        rows.append((f"max batch {batch_size}" if batch_size else url, measured))
-    print(table(rows, args.clients))
-    return 1 if any(m["errors"] for _, m in rows) else 0
+    print(table(list(zip(names, rows)), args.clients))
+    return 1 if any(row["errors"] for row in rows) else 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -270,3 +270,15 @@ def test_local_images_only_from_the_allowed_folder(server, answerer):
 def test_unknown_routes_and_methods_are_json_errors(server):
     assert server.client.get("/v1/nothing").json()["error"]["code"] == 404
     assert server.client.get("/v1/chat/completions").json()["error"]["code"] == 405
+
+
+def test_the_load_test_reports_medians_and_the_median_of_each_round_s_speedup():
+    from mmdlm.infer.loadtest import medians
+
+    def measured(rps, errors=()):
+        return {"requests": 8, "errors": list(errors), "rps": rps, "p50": 1 / rps, "p99": 2 / rps, "mean_batch": 1.0}
+
+    rounds = [[measured(2), measured(8)], [measured(1), measured(5)], [measured(4), measured(9, ["HTTP 500"])]]
+    alone, batched = medians(rounds)
+    assert alone["speedup"] == 1 and batched["speedup"] == 4  # rounds 4x, 5x, 2.25x: not 8 / 2
+    assert (batched["rps"], batched["requests"], batched["errors"]) == (8, 24, ["HTTP 500"])
