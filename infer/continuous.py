@@ -72,18 +72,19 @@ class RunningBatch:
     def prefix_len(self) -> int:
         return 0 if self.embeds is None else self.embeds.shape[1]
 
-    def join(self, keys: list, embeds: torch.Tensor, attention_mask: torch.Tensor) -> None:
-        """Add rows before the next forward: prefix embeddings [k, p, D], left-padded, with their mask [k, p]."""
-        P, p = self.prefix_len, embeds.shape[1]
-        if self.embeds is not None and p > P:  # the others take more left padding
-            self.embeds = torch.cat([self.embeds.new_zeros(len(self), p - P, embeds.shape[2]), self.embeds], dim=1)
-        elif self.embeds is not None and p < P:
-            embeds = torch.cat([embeds.new_zeros(len(keys), P - p, embeds.shape[2]), embeds], dim=1)
+    def join(self, keys: list, prefixes: list[torch.Tensor]) -> None:
+        """Add rows before the next forward: each one's prefix embeddings [p, D] (Answerer.prefix_rows)."""
+        k, P, G = len(keys), self.prefix_len, self.config.gen_length
+        width = max(P, *(len(prefix) for prefix in prefixes))
+        if self.embeds is not None and width > P:  # the others take more left padding
+            self.embeds = torch.cat([self.embeds.new_zeros(len(self), width - P, self.embeds.shape[2]), self.embeds], 1)
+        embeds = prefixes[0].new_zeros(k, width, prefixes[0].shape[-1])  # [k, P, D] left-padded
+        for row, prefix in enumerate(prefixes):
+            embeds[row, width - len(prefix) :] = prefix
         self.embeds = embeds if self.embeds is None else torch.cat([self.embeds, embeds])
-        k, G = len(keys), self.config.gen_length
         canvas = torch.full((k, G), self.mask_id, dtype=torch.long, device=self.device)
         self.keys += keys
-        self.prompt_len = torch.cat([self.prompt_len, attention_mask.sum(1).to(self.device)])
+        self.prompt_len = torch.cat([self.prompt_len, torch.tensor([len(p) for p in prefixes], device=self.device)])
         self.canvas = torch.cat([self.canvas, canvas])
         self.commit_step = torch.cat([self.commit_step, torch.full_like(canvas, -1)])
         zeros = torch.zeros(k, dtype=torch.long, device=self.device)
@@ -97,6 +98,7 @@ class RunningBatch:
         in_block = holes.gather(1, block.clamp(max=self.num_blocks - 1)[:, None]).squeeze(1)
         return tokens_per_step(in_block, self.steps_per_block)
 
+    @torch.no_grad()
     def step_all(self) -> list[Finished]:
         """Run one forward over every row, commit each row's tokens by its rule; return the rows it finished."""
         config, mask_id, L, P = self.config, self.mask_id, self.config.block_length, self.prefix_len

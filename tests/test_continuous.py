@@ -63,8 +63,7 @@ def test_rows_that_join_mid_flight_get_the_tokens_they_get_alone(answerer, reque
     while joins or len(batch):
         if forward in joins:
             rows = joins.pop(forward)
-            embeds, mask = answerer.prefix([requests[r][0] for r in rows], [[requests[r][1]] for r in rows])
-            batch.join(rows, embeds, mask)
+            batch.join(rows, answerer.prefix_rows([requests[r][0] for r in rows], [[requests[r][1]] for r in rows]))
         if len(batch):  # rows that finished early may leave it empty before the last join
             prefix_lens.add(batch.prefix_len)
             mixed_blocks |= len(batch.block.unique()) > 1
@@ -90,8 +89,7 @@ def test_a_running_batch_refuses_a_cache(answerer):
 def test_the_last_row_leaving_empties_the_batch(answerer, requests):
     config = request_config({"max_tokens": 8, "block_length": 8, "threshold": 0}, answerer, 8)
     batch = RunningBatch(answerer.model.lm, config, answerer.special.mask)
-    embeds, mask = answerer.prefix([requests[0][0]], [[requests[0][1]]])
-    batch.join(["only"], embeds, mask)
+    batch.join(["only"], answerer.prefix_rows([requests[0][0]], [[requests[0][1]]]))
     finished = []
     while len(batch):
         finished += batch.step_all()
