@@ -21,6 +21,7 @@ import asyncio
 import base64
 import ipaddress
 import json
+import signal
 import socket
 import statistics
 import subprocess
@@ -217,6 +218,7 @@ def run(args: argparse.Namespace) -> int:
     if not 1 <= args.clients <= 256 or not 1 <= args.requests <= 4096 or not 1 <= args.repeats <= 20:
         raise InferError("--clients must be in [1, 256], --requests in [1, 4096] and --repeats in [1, 20]: "
                          "the load test is bounded")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a `timeout` or kill still stops the servers below
     bodies = request_bodies(args.input, args.requests, args.max_tokens, args.threshold, args.caption_every)
     warmup = bodies[: min(4, len(bodies))]
     names, urls, processes = [], [], []
