@@ -211,6 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, default=0.9)
     p.add_argument("--threads", type=int, help="torch threads of each started server")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds a client waits for one answer")
+    p.add_argument("--start-timeout", type=float, default=180.0, help="seconds a started server has to answer /health")
     return p
 
 
@@ -226,7 +227,7 @@ def run(args: argparse.Namespace) -> int:
         if args.url:
             names, urls = [args.url], [loopback(args.url)]
         for batch_size in [] if args.url else args.batch_sizes:
-            process, url = start_server(args.model, batch_size, args.threads)
+            process, url = start_server(args.model, batch_size, args.threads, args.start_timeout)
             processes.append(process)
             names.append(f"max batch {batch_size}")
             urls.append(url)
