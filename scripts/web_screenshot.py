@@ -3,7 +3,7 @@
     python scripts/web_screenshot.py --model runs/demo/sft/model --image runs/demo/world/test/images/000000.png \
         [--question "What colour is the circle?" | --caption] [--output docs/web_demo.png]
 
-The page runs on a free 127.0.0.1 port and stops afterwards; the PNG is saved with a 64-colour palette
+The page runs on a free 127.0.0.1 port and stops afterwards; the PNG is saved with a 256-colour palette
 (a few tens of kB instead of ~100).
 """
 
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         demo.close()
         batcher.close()
-    image = Image.open(io.BytesIO(shot)).convert("RGB").quantize(64)
+    image = Image.open(io.BytesIO(shot)).convert("RGB").quantize(256)
     image.save(args.output, optimize=True)
     print(f"{args.output}: {image.size[0]}x{image.size[1]}")
     return 0
