@@ -1,12 +1,17 @@
 """Dynamic batching: requests that arrive while the model is busy are decoded together.
 
-One worker thread owns the model. It takes the oldest waiting request and every other waiting
-request with the same sampler options (up to `max_batch_size`), and decodes them in one call of
-the batched sampler: prompts of different lengths are left-padded, every row stops on its own and
-leaves the batch, and its answer is handed back at the forward that finished it, not when the
-whole batch ends. A row's tokens do not depend on its batch at temperature 0 (the sampler's
-contract: left-padded rows keep their unpadded positions); with temperature > 0 the Gumbel draws
-come from one generator for the whole batch, so a sample depends on its neighbours.
+One worker thread owns the language model. With the uncached sampler (the default unless the
+model was trained with prefix-DLM attention) it runs continuous batching (infer/continuous.py):
+the rows being decoded form a running batch, and before every forward the waiting requests with
+the same sampler options join it (up to `max_batch_size` rows), while each row leaves at the
+forward that finishes it and its answer is handed back then. The batch so stays full under load
+instead of draining to its slowest row. An encoder thread runs the tower on the waiting requests
+meanwhile (their images in one call), so that joining costs the worker nothing. When the oldest
+waiting request has other options, no one joins until the batch has drained, then those run.
+Cached configs are decoded by `generate` in whole batches: the oldest waiting request and every
+other with its options. Either way a row's tokens do not depend on its batch at temperature 0
+(left-padded rows keep their unpadded positions); with temperature > 0 the Gumbel draws come from
+one generator for the whole batch, so a sample depends on its neighbours.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import torch
 from PIL import Image
 
 from mmdlm.decoding import first_stop as first_stop_of
+from mmdlm.infer.continuous import RunningBatch, supports
 from mmdlm.infer.infer import Answer, Answerer
 from mmdlm.sampling import SamplerConfig
 
@@ -28,7 +34,7 @@ from mmdlm.sampling import SamplerConfig
 @dataclass
 class Reply:
     answer: Answer
-    batch_size: int  # rows decoded together in its sampler call
+    batch_size: int  # rows in the forward that finished it
     prompt_tokens: int  # image placeholders included
     stopped: bool  # a stop token ended the answer (else the whole canvas was filled)
 
@@ -42,32 +48,42 @@ class Job:
     future: Future = field(default_factory=Future)  # -> Reply
     forwards: int = 0  # forwards its row took part in
     sent: int = 0  # committed tokens already given to on_progress
+    prefix: torch.Tensor | None = None  # [p, D] its prefix embeddings, once the encoder thread has run the tower
+    encoding: bool = False  # the encoder thread is running the tower on it
 
 
 class Batcher:
-    """Decodes submitted requests in batches on one worker thread; `submit` returns a Future of a Reply."""
+    """Decodes submitted requests in batches on one worker thread; `submit` returns a Future of a Reply.
+
+    A second thread, the encoder, runs the tower on waiting requests (up to `max_batch_size` images
+    a call) while the worker decodes: the images of the requests that join the next forward are
+    ready when it starts, and the worker's time goes to the language model.
+    """
 
     def __init__(self, answerer: Answerer, max_batch_size: int = 16):
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size={max_batch_size}: give at least 1")
         self.answerer, self.max_batch_size = answerer, max_batch_size
         self._waiting: deque[Job] = deque()
-        self._wake = threading.Condition()
+        self._wake = threading.Condition()  # guards _waiting, _closing and every job's prefix / encoding
         self._closing = False
-        self._thread: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
+        self._running: RunningBatch | None = None  # touched by the worker only
 
     def start(self) -> Batcher:
-        self._thread = threading.Thread(target=self._loop, name="mmdlm-batcher", daemon=True)
-        self._thread.start()
+        self._threads = [threading.Thread(target=self._loop, name="mmdlm-batcher", daemon=True),
+                         threading.Thread(target=self._encode_loop, name="mmdlm-encoder", daemon=True)]
+        for thread in self._threads:
+            thread.start()
         return self
 
     def close(self) -> None:
-        """Stop the worker after its current batch; requests still waiting fail with RuntimeError."""
+        """Stop the worker once the rows it is decoding finish; requests still waiting fail with RuntimeError."""
         with self._wake:
             self._closing = True
-            self._wake.notify()
-        if self._thread is not None:
-            self._thread.join()
+            self._wake.notify_all()
+        for thread in self._threads:
+            thread.join()
         while self._waiting:
             job = self._waiting.popleft()
             if job.future.set_running_or_notify_cancel():
@@ -89,29 +105,120 @@ class Batcher:
             if self._closing:
                 raise RuntimeError("the server is shutting down")
             self._waiting.append(job)
-            self._wake.notify()
+            self._wake.notify_all()
         return job.future
 
+    def _encode_loop(self) -> None:
+        """The encoder thread: prefix embeddings of waiting requests (continuous batching's), oldest first."""
+        while True:
+            with self._wake:
+                while not (jobs := self._unencoded()) and not self._closing:
+                    self._wake.wait()
+                if self._closing:
+                    return
+                for job in jobs:
+                    job.encoding = True
+            try:
+                prefixes, error = self.answerer.prefix_rows([j.prompt for j in jobs], [j.images for j in jobs]), None
+            except Exception as caught:  # noqa: BLE001 - a bad request fails itself, never the server
+                prefixes, error = [None] * len(jobs), caught
+            with self._wake:
+                for job, prefix in zip(jobs, prefixes):
+                    job.prefix, job.encoding = prefix, False
+                    if error is not None:
+                        self._waiting.remove(job)
+                        if job.future.set_running_or_notify_cancel():
+                            job.future.set_exception(error)
+                self._wake.notify_all()
+
+    def _unencoded(self) -> list[Job]:
+        return [job for job in self._waiting if job.prefix is None and not job.encoding and supports(job.config)
+                ][: self.max_batch_size]
+
     def _take(self) -> list[Job] | None:
-        """Return the next batch (the oldest request and those that share its options), None once closing."""
+        """Return the requests to start now (possibly none); None once closing with nothing left to decode.
+
+        With a running batch: the encoded requests with its options, while the oldest waiting one
+        has them, up to the free rows. Otherwise the oldest request's options, and the encoded
+        requests with them (for a cached config, whole batches without the encoder: every waiting one).
+        """
+        running = self._running
         with self._wake:
-            while not self._waiting and not self._closing:
-                self._wake.wait()
-            if self._closing:
-                return None
-            config = self._waiting[0].config
-            batch = [job for job in self._waiting if job.config == config][: self.max_batch_size]
+            while True:
+                if running:
+                    if self._closing or not self._waiting or self._waiting[0].config != running.config:
+                        return []  # the batch drains first
+                    config, room = running.config, self.max_batch_size - len(running)
+                elif self._closing:
+                    return None
+                elif self._waiting:
+                    config, room = self._waiting[0].config, self.max_batch_size
+                else:
+                    self._wake.wait()
+                    continue
+                batch = [job for job in self._waiting if job.config == config
+                         and (job.prefix is not None or not supports(config))][:room]
+                if batch or running:
+                    break
+                self._wake.wait()  # the encoder is on them
             for job in batch:
                 self._waiting.remove(job)
         # A request whose client went away before it started is dropped here.
         return [job for job in batch if job.future.set_running_or_notify_cancel()]
 
     def _loop(self) -> None:
-        while (batch := self._take()) is not None:
-            if batch:
-                self._decode(batch)
+        while (jobs := self._take()) is not None:
+            if jobs and not supports(jobs[0].config):
+                self._decode(jobs)
+                continue
+            if jobs:
+                self._join(jobs)
+            if self._running:
+                self._step()
+
+    def _join(self, jobs: list[Job]) -> None:
+        """Add encoded `jobs` to the running batch (a new one when none runs)."""
+        try:
+            if self._running is None:
+                self._running = RunningBatch(self.answerer.model.lm, jobs[0].config, self.answerer.special.mask)
+            self._running.join(jobs, [job.prefix for job in jobs])
+        except Exception as error:  # noqa: BLE001 - a bad request fails itself, never the server
+            for job in jobs:
+                job.future.set_exception(error)
+        for job in jobs:
+            job.prefix = None  # the batch holds its own copy
+
+    def _step(self) -> None:
+        """One forward of the running batch: stream what it committed, hand back the rows it finished."""
+        running = self._running
+        try:
+            done = running.step_all()
+        except Exception as error:  # noqa: BLE001 - one bad batch fails its requests, never the server
+            for job in running.keys:
+                job.future.set_exception(error)
+            self._running = None
+            return
+        size = len(running) + len(done)
+        for row in done:
+            job = row.key
+            self._send(job, row.tokens[: row.length])
+            answer = self.answerer.make_answer(row.tokens, row.commit_step, row.length, row.forwards)
+            job.future.set_result(self._reply(job, answer, size))
+        if any(job.on_progress is not None for job in running.keys):
+            for row, (job, ready) in enumerate(zip(running.keys, running.committed())):
+                if ready > job.sent:
+                    self._send(job, running.canvas[row, :ready].tolist())
+        if not running:
+            self._running = None
+
+    @staticmethod
+    def _send(job: Job, tokens: list[int]) -> None:
+        if job.on_progress is not None and len(tokens) > job.sent:
+            job.sent = len(tokens)
+            job.on_progress(tokens)
 
     def _decode(self, batch: list[Job]) -> None:
+        """Decode a whole batch with `generate` (cached configs), handing back each row as it finishes."""
         try:
             def on_forward(*rows):
                 self._progress(batch, *rows)
@@ -131,7 +238,7 @@ class Batcher:
         return Reply(answer, batch_size, len(job.prompt), answer.length < job.config.gen_length)
 
     def _progress(self, batch: list[Job], index: torch.Tensor, canvas: torch.Tensor, steps: torch.Tensor) -> None:
-        """After a forward: report each row's newly committed tokens, and hand back the rows it finished."""
+        """After a forward of `generate`: report each row's newly committed tokens, hand back the rows it finished."""
         config, mask_id = batch[0].config, self.answerer.special.mask
         stop_ids = torch.tensor([config.eos_id, *config.stop_ids], device=canvas.device)
         G = canvas.shape[1]
@@ -142,13 +249,12 @@ class Batcher:
             job.forwards += 1
             if job.future.done():
                 continue
-            if job.on_progress is not None and min(ready, stop) > job.sent:
-                job.sent = min(ready, stop)
-                job.on_progress(canvas[k, : job.sent].tolist())
+            if min(ready, stop) > job.sent:
+                self._send(job, canvas[k, : min(ready, stop)].tolist())
             if ready == G or (config.early_stop and stop < ready):  # the sampler's own rule for a finished row
                 tokens, commit = canvas[k].tolist(), steps[k].tolist()
                 if config.early_stop:  # its tail is dropped, as the sampler drops it
                     tokens = tokens[: stop + 1] + [config.eos_id] * (G - stop - 1)
                     commit = commit[: stop + 1] + [-1] * (G - stop - 1)
                 answer = self.answerer.make_answer(tokens, commit, stop, job.forwards)
-                job.future.set_result(self._reply(job, answer, len(batch)))
+                job.future.set_result(self._reply(job, answer, len(index)))

@@ -186,6 +186,11 @@ class Answerer:
         sizes = torch.tensor([image.size for row in images for image in row]).reshape(-1, 2)  # [N_images, 2] (w, h)
         return self.model.embed(ids.to(self.device), pixels, image_sizes=sizes), mask.to(self.device)
 
+    def prefix_rows(self, prompts: list[list[int]], images: list[list[Image.Image]]) -> list[torch.Tensor]:
+        """Return each prompt's prefix embeddings [p, D], unpadded; the images go through the tower in one call."""
+        embeds, _ = self.prefix(prompts, images)
+        return [embeds[row, embeds.shape[1] - len(prompt) :] for row, prompt in enumerate(prompts)]
+
     def check_length(self, prompt: list[int], gen_length: int, option: str = "--gen-length") -> None:
         """Raise InferError when the prompt and the answer canvas do not fit the model's context."""
         if len(prompt) + gen_length > self.context:

@@ -5,7 +5,10 @@
 
 With --model it starts one server per --batch-sizes entry (mmdlm-serve --max-batch-size B, on a
 free 127.0.0.1 port), sends each the same bounded list of requests from --clients concurrent
-clients, stops it, and prints one table row per server with the speedup over the first row.
+clients, and prints one table row per server with the speedup over the first row. With
+--repeats N the servers take turns N times (A B A B ...: on a shared machine a change in the
+neighbours' load hits both alike), and the table gives the medians and the median of each
+round's speedup; every round is printed too.
 With --url it measures a server already running; only loopback addresses are accepted. The
 requests are the questions of a LLaVA file (--input; default: 16 freshly drawn demo-world
 scenes), every --caption-every-th one a caption; each client gives up on a request after --timeout s.
@@ -17,6 +20,8 @@ import argparse
 import asyncio
 import base64
 import ipaddress
+import json
+import signal
 import socket
 import statistics
 import subprocess
@@ -69,31 +74,71 @@ def request_bodies(input_file: str | None, count: int, max_tokens: int, threshol
     return bodies
 
 
+class Connection:
+    """One keep-alive HTTP/1.1 connection that POSTs JSON bodies serialized beforehand.
+
+    A client this thin is the point: the load test shares the machine's cores with the server it
+    measures, and httpx spent ~40% as much CPU per request as the server itself (its connection
+    pool and per-call async-library lookups), more of it the faster the server answers.
+    """
+
+    def __init__(self, url: str):
+        parts = urllib.parse.urlsplit(url)
+        self.host, self.port = parts.hostname, parts.port or 80
+        self.streams: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
+
+    async def post(self, path: str, body: bytes) -> tuple[int, bytes]:
+        """Return (status, response body) of one POST; reconnects when the server closed the connection."""
+        if self.streams is None:
+            self.streams = await asyncio.open_connection(self.host, self.port)
+        reader, writer = self.streams
+        head = (f"POST {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n")
+        try:
+            writer.write(head.encode() + body)
+            await writer.drain()
+            lines = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
+            headers = dict(line.lower().split(": ", 1) for line in lines[1:] if ": " in line)
+            if "content-length" not in headers:
+                raise ConnectionError(f"a response without Content-Length: {lines[0]}")
+            content = await reader.readexactly(int(headers["content-length"]))
+        except BaseException:
+            self.close()
+            raise
+        if headers.get("connection") == "close":
+            self.close()
+        return int(lines[0].split(" ", 2)[1]), content
+
+    def close(self) -> None:
+        if self.streams is not None:
+            self.streams[1].close()
+            self.streams = None
+
+
 async def hammer(url: str, bodies: list[dict], clients: int, timeout: float) -> dict:
-    """Send every body once from `clients` concurrent clients; return the measurements."""
-    import httpx
+    """Send every body once from `clients` concurrent clients (one connection each); return the measurements."""
+    latencies, batch_sizes, errors = [], [], []
+    queue = [json.dumps(body).encode() for body in reversed(bodies)]  # serialized once, before the clock starts
 
-    latencies, batch_sizes, errors, queue = [], [], [], list(reversed(bodies))
-
-    async def client(http):
+    async def client():
+        connection = Connection(url)
         while queue:
             body = queue.pop()
             began = time.perf_counter()
             try:
-                response = await http.post(f"{url}/v1/chat/completions", json=body)
-                if response.status_code != 200:
-                    errors.append(f"HTTP {response.status_code}: {response.text[:200]}")
+                status, content = await asyncio.wait_for(connection.post("/v1/chat/completions", body), timeout)
+                if status != 200:
+                    errors.append(f"HTTP {status}: {content[:200].decode(errors='replace')}")
                     continue
-                batch_sizes.append(response.json()["mmdlm"]["batch_size"])
+                batch_sizes.append(json.loads(content)["mmdlm"]["batch_size"])
                 latencies.append(time.perf_counter() - began)
-            except httpx.HTTPError as error:
+            except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError, ValueError) as error:
                 errors.append(f"{type(error).__name__}: {error}")
+        connection.close()
 
-    limits = httpx.Limits(max_connections=clients)
-    async with httpx.AsyncClient(timeout=timeout, limits=limits) as http:
-        began = time.perf_counter()
-        await asyncio.gather(*(client(http) for _ in range(clients)))
-        seconds = time.perf_counter() - began
+    began = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(clients)))
+    seconds = time.perf_counter() - began
     latencies.sort()
     return {"requests": len(bodies), "errors": errors, "seconds": seconds, "rps": len(latencies) / seconds,
             "p50": statistics.median(latencies) if latencies else float("nan"),
@@ -132,11 +177,23 @@ def start_server(model: str, batch_size: int, threads: int | None, wait: float =
 def table(rows: list[tuple[str, dict]], clients: int) -> str:
     lines = ["| server | clients | requests | errors | requests/s | p50 latency (s) | p99 latency (s) | mean batch "
              "| speedup |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    base = rows[0][1]["rps"]
     for name, m in rows:
         lines.append(f"| {name} | {clients} | {m['requests']} | {len(m['errors'])} | {m['rps']:.2f} | {m['p50']:.2f} "
-                     f"| {m['p99']:.2f} | {m['mean_batch']:.1f} | {m['rps'] / base:.2f}x |")
+                     f"| {m['p99']:.2f} | {m['mean_batch']:.1f} | {m['speedup']:.2f}x |")
     return "\n".join(lines)
+
+
+def medians(rounds: list[list[dict]]) -> list[dict]:
+    """Return one row per server: the median of each measure over the rounds, the speedup the median of each
+    round's ratio to the first server's requests/s; errors and requests summed."""
+    rows = []
+    for k in range(len(rounds[0])):
+        runs = [r[k] for r in rounds]
+        row = {key: statistics.median(m[key] for m in runs) for key in ("rps", "p50", "p99", "mean_batch")}
+        row["speedup"] = statistics.median(r[k]["rps"] / r[0]["rps"] for r in rounds)
+        row.update(requests=sum(m["requests"] for m in runs), errors=[e for m in runs for e in m["errors"]])
+        rows.append(row)
+    return rows
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -146,39 +203,53 @@ def build_parser() -> argparse.ArgumentParser:
     target.add_argument("--url", help="a running server on this machine, e.g. http://127.0.0.1:8000")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32], help="--max-batch-size of each server")
     p.add_argument("--clients", type=int, default=32, help="concurrent clients (at most 256)")
-    p.add_argument("--requests", type=int, default=128, help="requests per server (at most 4096)")
+    p.add_argument("--requests", type=int, default=128, help="requests per server and round (at most 4096)")
+    p.add_argument("--repeats", type=int, default=1, help="rounds, the servers taking turns (at most 20)")
     p.add_argument("--input", help="LLaVA JSON whose questions and images to send (default: 16 demo-world scenes)")
     p.add_argument("--caption-every", type=int, default=4, help="every N-th request asks for a caption (0: none)")
     p.add_argument("--max-tokens", type=int, default=32, help="answer canvas of every request")
     p.add_argument("--threshold", type=float, default=0.9)
     p.add_argument("--threads", type=int, help="torch threads of each started server")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds a client waits for one answer")
+    p.add_argument("--start-timeout", type=float, default=180.0, help="seconds a started server has to answer /health")
     return p
 
 
 def run(args: argparse.Namespace) -> int:
-    if not 1 <= args.clients <= 256 or not 1 <= args.requests <= 4096:
-        raise InferError("--clients must be in [1, 256] and --requests in [1, 4096]: the load test is bounded")
+    if not 1 <= args.clients <= 256 or not 1 <= args.requests <= 4096 or not 1 <= args.repeats <= 20:
+        raise InferError("--clients must be in [1, 256], --requests in [1, 4096] and --repeats in [1, 20]: "
+                         "the load test is bounded")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a `timeout` or kill still stops the servers below
     bodies = request_bodies(args.input, args.requests, args.max_tokens, args.threshold, args.caption_every)
     warmup = bodies[: min(4, len(bodies))]
-    rows = []
-    targets = [(None, loopback(args.url))] if args.url else [(b, None) for b in args.batch_sizes]
-    for batch_size, url in targets:
-        process = None
-        if url is None:
-            process, url = start_server(args.model, batch_size, args.threads)
-        try:
+    names, urls, processes = [], [], []
+    try:
+        if args.url:
+            names, urls = [args.url], [loopback(args.url)]
+        for batch_size in [] if args.url else args.batch_sizes:
+            process, url = start_server(args.model, batch_size, args.threads, args.start_timeout)
+            processes.append(process)
+            names.append(f"max batch {batch_size}")
+            urls.append(url)
+        for url in urls:
             asyncio.run(hammer(url, warmup, len(warmup), args.timeout))
-            measured = asyncio.run(hammer(url, bodies, args.clients, args.timeout))
-        finally:
-            if process is not None:
-                process.terminate()
-                process.wait(timeout=60)
-        for error in measured["errors"][:3]:
+        rounds = []
+        for k in range(args.repeats):
+            rounds.append([asyncio.run(hammer(url, bodies, args.clients, args.timeout)) for url in urls])
+            if args.repeats > 1:
+                print(f"round {k + 1}: " + ", ".join(f"{n} {m['rps']:.2f} req/s ({len(m['errors'])} errors)"
+                                                     for n, m in zip(names, rounds[-1])), flush=True)
+    finally:
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            process.wait(timeout=60)
+    rows = medians(rounds)
+    for row in rows:
+        for error in row["errors"][:3]:
             print(f"error: {error}", file=sys.stderr)
-        rows.append((f"max batch {batch_size}" if batch_size else url, measured))
-    print(table(rows, args.clients))
-    return 1 if any(m["errors"] for _, m in rows) else 0
+    print(table(list(zip(names, rows)), args.clients))
+    return 1 if any(row["errors"] for row in rows) else 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,6 +7,7 @@ import os
 import threading
 import time
 from contextlib import contextmanager
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -156,6 +157,33 @@ def test_an_answer_does_not_depend_on_its_batch(answerer):
         assert (a.answer.text, a.answer.pieces, a.answer.length) == (b.answer.text, b.answer.pieces, b.answer.length)
 
 
+def test_requests_that_join_a_running_batch_answer_as_alone(answerer):
+    """Requests queued after the running one's first forward join it mid-flight (continuous batching), a longer
+    prompt among them re-padding it, and every answer is the one `generate` gives alone."""
+    config = replace(request_config({"max_tokens": 16, "block_length": 1, "threshold": 0}, answerer, 16),
+                     early_stop=False)  # one token per forward, left to right: the first report comes at forward 1
+    questions = ["what?", "how many squares are there on the left of the red circle?", "Describe the image."]
+    images = [Image.effect_noise((30 + 9 * k, 40), 40 + 20 * k).convert("RGB") for k in range(3)]
+    prompts = [answerer.prompt_ids([{"from": "user", "value": "<image>\n" + q}], [im])
+               for q, im in zip(questions, images)]
+    batcher, late = Batcher(answerer, max_batch_size=8).start(), []
+
+    def first_report(tokens):  # on the worker thread, between forwards 1 and 2 of the first request
+        if not late:
+            late.extend(batcher.submit(p, [im], config) for p, im in zip(prompts[1:], images[1:]))
+
+    try:
+        first = batcher.submit(prompts[0], [images[0]], config, on_progress=first_report).result()
+        replies = [first] + [f.result() for f in late]
+    finally:
+        batcher.close()
+    assert first.batch_size == 3 and first.answer.forward_passes == 16  # it finished beside the two that joined
+    for prompt, image, reply in zip(prompts, images, replies):
+        expected = answerer.answer_prompts([prompt], [[image]], config)[0]
+        assert (reply.answer.pieces, reply.answer.commit_step, reply.answer.forward_passes) == (
+            expected.pieces, expected.commit_step, expected.forward_passes)
+
+
 def test_concurrent_clients_get_their_own_answers(server):
     asked = [("how many squares", 10), ("what colour?", 20), ("Describe the image.", 30), ("where?", 40)]
     requests = [chat(q, data_url(png_bytes(seed=seed)), max_tokens=16) for q, seed in asked]
@@ -242,3 +270,15 @@ def test_local_images_only_from_the_allowed_folder(server, answerer):
 def test_unknown_routes_and_methods_are_json_errors(server):
     assert server.client.get("/v1/nothing").json()["error"]["code"] == 404
     assert server.client.get("/v1/chat/completions").json()["error"]["code"] == 405
+
+
+def test_the_load_test_reports_medians_and_the_median_of_each_round_s_speedup():
+    from mmdlm.infer.loadtest import medians
+
+    def measured(rps, errors=()):
+        return {"requests": 8, "errors": list(errors), "rps": rps, "p50": 1 / rps, "p99": 2 / rps, "mean_batch": 1.0}
+
+    rounds = [[measured(2), measured(8)], [measured(1), measured(5)], [measured(4), measured(9, ["HTTP 500"])]]
+    alone, batched = medians(rounds)
+    assert alone["speedup"] == 1 and batched["speedup"] == 4  # rounds 4x, 5x, 2.25x: not 8 / 2
+    assert (batched["rps"], batched["requests"], batched["errors"]) == (8, 24, ["HTTP 500"])
