@@ -135,9 +135,10 @@ class RunningBatch:
         if bool((self.prompt_len < P).any()):  # as `read_prompt`: no mask when no row is padded
             key_mask = torch.arange(P + G, device=self.device)[None, :] >= (P - self.prompt_len)[:, None]
             position_ids = (key_mask.long().cumsum(1) - 1).clamp(min=0)  # [n, P+G] each row's own positions
-        rows = _Rows(torch.arange(n, device=self.device), tokens, None, is_prompt, key_mask, position_ids,
-                     self.embeds)
-        run = _Run(self.model, config, mask_id, P, self.stop_ids, None, None, None, None)
+        rows = _Rows(torch.arange(n, device=self.device), torch.ones(n, dtype=torch.bool, device=self.device),
+                     tokens, None, is_prompt, key_mask, position_ids, self.embeds)
+        run = _Run(self.model, config, mask_id, P, self.stop_ids, None, None, None, None,
+                   torch.zeros((), dtype=torch.long, device=self.device))
         # Greedy low-confidence decoding reads logits from the earliest current block on (`_window`'s rule).
         greedy = config.temperature == 0 and config.remasking == "low_confidence"
         logits_from = P + int(self.block.min()) * config.block_length if greedy else 0
