@@ -15,6 +15,7 @@ micro-batches) until `max_steps`, checkpointing every `save_every`, then `finish
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import socket
@@ -51,6 +52,12 @@ def init_distributed() -> None:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    if os.environ["WORLD_SIZE"] == "1" and not torch.cuda.is_available():
+        # DeepSpeed's CPU backend compiles its shared-memory all-reduce (a C++ build: 35 s on a fresh
+        # 2-core machine, a sixth of the demo's budget) for every process group; one process reduces nothing.
+        ds_comm = importlib.import_module("deepspeed.comm.torch")  # (deepspeed.comm.torch is torch itself)
+        if hasattr(ds_comm, "build_shm_op"):
+            ds_comm.build_shm_op = lambda: None
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
 
 
