@@ -66,8 +66,11 @@ def rows_one_by_one(engine, batch: dict, cfg: TrainConfig, mask_id: int, seed: i
     per_row = (ids == engine.module.config.image_token_id).sum(1) // engine.module.num_image_tokens  # images per row
     starts = [0, *per_row.cumsum(0).tolist()]
 
+    prefix = batch["prompt_length"] if engine.module.config.prefix_dlm else None  # demo_sft: prefix-DLM
+
     def logits_fn(noisy: torch.Tensor) -> torch.Tensor:
-        rows = [engine(noisy[r : r + 1], pixels[starts[r] : starts[r + 1]], attention_mask=attention[r : r + 1])
+        rows = [engine(noisy[r : r + 1], pixels[starts[r] : starts[r + 1]], attention_mask=attention[r : r + 1],
+                       prefix_len=None if prefix is None else prefix[r : r + 1])
                 for r in range(noisy.shape[0])]
         return torch.cat(rows)
 

@@ -340,7 +340,7 @@ def test_data_fractions_take_a_seeded_subset_of_each_file():
     assert kept[0] is qa and len(kept[1]) == 10 and set(kept[1]) <= set(captions)
     assert list(kept[1]) == list(take_fractions([qa, captions], [1.0, 0.25], seed=3)[1])  # the same every run
     assert take_fractions([qa], [], seed=0) == [qa]
-    cfg = load_config(TrainConfig, ROOT / "configs/train/demo_sft.yaml", ["data.fractions=[0.5]"])
+    cfg = load_config(TrainConfig, ROOT / "configs/train/demo_sft.yaml", ["data.fractions=[0.5, 0.5]"])  # one file
     with pytest.raises(ConfigError, match="one number in"):
         cfg.validate()
 
