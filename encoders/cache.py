@@ -46,7 +46,5 @@ class TowerCache:
             if self.bytes + size <= self.max_bytes:
                 self.entries[keys[k]] = value
                 self.bytes += size
-        if not missing:
-            return torch.stack([self.entries[key] for key in keys])
         rows = {k: row for row, k in enumerate(missing)}
         return torch.stack([fresh[rows[k]] if k in rows else self.entries[key] for k, key in enumerate(keys)])
