@@ -23,7 +23,17 @@ from dataclasses import dataclass
 import torch
 
 from mmdlm.decoding import finished, first_stop
-from mmdlm.sampling import SamplerConfig, _commit_rule, _logits, _predict, _Rows, _Run, _Window, tokens_per_step
+from mmdlm.sampling import (
+    SamplerConfig,
+    _commit_rule,
+    _logits,
+    _predict,
+    _Rows,
+    _Run,
+    _Window,
+    before_stop,
+    tokens_per_step,
+)
 
 
 def supports(config: SamplerConfig) -> bool:
@@ -111,6 +121,8 @@ class RunningBatch:
             chosen, confidence = _predict(run, logits[sel], window, first, end)  # [k, L] each
             block = self.canvas[sel, b * L : (b + 1) * L]  # [k, L] (a copy: written back below)
             holes = block == mask_id
+            if config.mask_tail:  # earlier blocks hold no stop: a row that committed one has finished
+                holes = before_stop(holes, chosen, block, run.stop_ids)
             scheduled = None if config.parallel else self.schedule[sel, self.step[sel]]
             commit = _commit_rule(config, confidence, holes, scheduled)
             block[commit] = chosen[commit]

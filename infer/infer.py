@@ -300,6 +300,7 @@ def sampler_config(args: argparse.Namespace, task: str, answerer: Answerer) -> S
                    float64_confidence=bool(answerer.sampler_defaults.get("float64_confidence", False)))
     config = SamplerConfig(**options, confidence=args.confidence, temperature=args.temperature,
                            prefix_dlm=answerer.prefix_dlm, early_stop=not args.no_early_stop, eos_id=special.eos,
+                           mask_tail=bool(answerer.sampler_defaults.get("mask_tail")) and not args.no_early_stop,
                            stop_ids=(special.eot,), static=getattr(args, "static", False)).with_cache(cache)
     try:
         config.validate()
@@ -340,7 +341,7 @@ def run(args: argparse.Namespace) -> int:
         canvas = answerer.template_canvas(args.template)
         holes = int((canvas == answerer.special.mask).sum())
         config.gen_length = config.block_length = canvas.shape[1]
-        config.steps, config.early_stop = holes, False
+        config.steps, config.early_stop, config.mask_tail = holes, False, False
     try:
         out_file = open(args.output, "w", encoding="utf-8") if args.output else None  # noqa: SIM115
     except OSError as error:

@@ -14,7 +14,9 @@ Every option hangs off that loop as a small named helper:
   token, top-2 margin, or exp(-entropy) (Dimple); Gumbel noise at a temperature; CFG;
 - `_commit_rule`: which predictions a step commits: LLaDA's fixed schedule (`steps`), or
   Fast-dLLM's parallel rules (every one with confidence >= `threshold`, or the `factor` rule),
-  both at least the most confident one per forward;
+  both at least the most confident one per forward; `mask_tail` keeps them from the positions
+  after the first stop token (committed or predicted), which a model trained with mask padding
+  only ever saw as masks;
 - `_retire`: early stop: a row is finished once a stop token is committed with every position
   before it filled; its tail is dropped and it leaves the batch, so later blocks never run for it.
 Rows of a batch move through the blocks together (a row that has filled its block waits, and
@@ -74,6 +76,11 @@ class SamplerConfig:
     early_stop: bool = False  # stop a row once a stop token is committed and all before it is filled
     eos_id: int | None = None  # a stop token, and what fills a dropped tail
     stop_ids: tuple[int, ...] = ()  # further stop tokens (end of turn)
+    # For models trained with sft_padding=mask (after the answer's EOS, masks that are never targets): never
+    # commit a position after the first stop token, committed or predicted. Those positions stay masks, as in
+    # training; the model's guesses there are untrained, and committing them misleads the answer's own positions.
+    # Needs early_stop (the row ends when everything up to its stop token is filled).
+    mask_tail: bool = False
     cache: Cache = "none"  # "prefix" (exact, needs prefix_dlm: see with_cache) or "block" (DualCache, approximate)
     prefix_dlm: bool = False  # prefix queries attend only the prefix (the model's prefix_len=)
     # LLaDA-V's rule: these ids may never be chosen at a masked position (its BOS, EOS and header ids)
@@ -118,6 +125,8 @@ class SamplerConfig:
             raise ValueError("threshold/factor decoding ranks by confidence: use remasking='low_confidence'")
         if self.early_stop and self.eos_id is None:
             raise ValueError("early_stop needs eos_id (the token that ends an answer and fills its tail)")
+        if self.mask_tail and not self.early_stop:
+            raise ValueError("mask_tail leaves the positions after the stop token masked: it needs early_stop")
         if self.check_every < 1:
             raise ValueError(f"check_every={self.check_every} must be at least 1")
         if self.cache == "prefix" and not self.prefix_dlm:
@@ -322,6 +331,8 @@ def _step(run: _Run, rows: _Rows, window: _Window, start: int, first: int, end: 
     run.forward_passes += counts
     run.row_forwards[rows.index] += rows.active & counts
     holes = (rows.tokens[:, first:end] == mask_id) & ~rows.is_prompt[:, first:end] & rows.active[:, None]
+    if config.mask_tail:
+        holes = before_stop(holes, chosen, rows.tokens[:, first:end], run.stop_ids, max(run.prefix_len - first, 0))
     commit = _commit_rule(config, confidence, holes, scheduled)  # [n, end - first]
     rows.tokens[:, first:end] = torch.where(commit, chosen, rows.tokens[:, first:end])
     rows.commit_step[:, first:end] = torch.where(commit, run.forward_passes, rows.commit_step[:, first:end])
@@ -408,6 +419,20 @@ def _predict(run: _Run, logits: torch.Tensor, window: _Window, first: int, end: 
         return chosen, torch.rand(logits.shape[:2], device=logits.device)[:, lo:hi]
     return chosen, confidence_of(logits_in.double() if config.float64_confidence else logits_in, chosen,
                                  config.confidence)
+
+
+def before_stop(holes: torch.Tensor, chosen: torch.Tensor, tokens: torch.Tensor, stop_ids: torch.Tensor,
+                canvas_from: int = 0) -> torch.Tensor:
+    """Return `holes` [n, W] without the positions after each row's first stop token (`mask_tail`).
+
+    A stop token is a committed one in `tokens` or the prediction `chosen` at a hole; columns before
+    `canvas_from` are the prompt's (its end-of-turn token is no answer's end). The stop's own position
+    stays eligible, so a row always has a hole to commit until everything up to its stop is filled.
+    """
+    stop = torch.isin(torch.where(holes, chosen, tokens), stop_ids)  # [n, W]
+    stop[:, :canvas_from] = False
+    after = stop.long().cumsum(1) - stop.long() > 0  # a stop strictly before this position
+    return holes & ~after
 
 
 def _commit_rule(config: SamplerConfig, confidence: torch.Tensor, holes: torch.Tensor,

@@ -47,6 +47,8 @@ CONFIGS = {
                                     stop_ids=HALF_STOPS),
     "threshold, early stop": dict(options={"max_tokens": 24, "block_length": 8, "threshold": 0.02},
                                   stop_ids=HALF_STOPS),
+    "threshold, early stop, mask tail": dict(options={"max_tokens": 24, "block_length": 8, "threshold": 0.02},
+                                             stop_ids=HALF_STOPS, mask_tail=True),
     "cfg, margin": dict(options={"max_tokens": 16, "block_length": 8, "threshold": 0.02, "confidence": "margin"},
                         cfg_scale=1.0),
 }

@@ -8,7 +8,7 @@ from torch import nn
 
 from mmdlm.cache import KVCache
 from mmdlm.model import DiffusionLM, DLMConfig
-from mmdlm.sampling import SamplerConfig, confidence_of, generate, parallel_count
+from mmdlm.sampling import SamplerConfig, before_stop, confidence_of, generate, parallel_count
 
 MASK, EOS, EOT = 39, 38, 37
 
@@ -166,6 +166,43 @@ def test_early_stop_keeps_the_answer_and_skips_the_rest():
     assert (early.tokens[0, n:] == EOS).all() and (early.commit_step[0, n + 1 :] == -1).all()
     assert (early.commit_step[0, : n + 1] > 0).all()
     assert early.tokens_per_forward == (n + 1) / early.forward_passes
+
+
+def test_before_stop_keeps_the_holes_up_to_the_first_stop():
+    holes = torch.tensor([[1, 1, 1, 1, 1], [0, 1, 1, 1, 1], [1, 1, 1, 1, 1], [0, 1, 1, 1, 1]], dtype=torch.bool)
+    chosen = torch.tensor([[5, EOS, 5, EOT, 5], [0, 5, 5, 5, 5], [5, 5, 5, 5, 5], [0, 5, EOS, 5, 5]])
+    tokens = torch.tensor([[MASK] * 5, [EOT, MASK, MASK, MASK, MASK], [MASK] * 5, [EOT, MASK, MASK, MASK, MASK]])
+    # row 0: a predicted stop at 1 (kept); row 1: a committed stop at 0 leaves nothing; row 2: no stop;
+    # row 3: the same committed EOT, but in the prompt (canvas_from=1), so the predicted EOS at 2 counts
+    expected = [[1, 1, 0, 0, 0], [0, 0, 0, 0, 0], [1, 1, 1, 1, 1], [0, 1, 1, 0, 0]]
+    stops = torch.tensor([EOS, EOT])
+    assert before_stop(holes[:3], chosen[:3], tokens[:3], stops).long().tolist() == expected[:3]
+    assert before_stop(holes[3:], chosen[3:], tokens[3:], stops, canvas_from=1).long().tolist() == expected[3:]
+
+
+@pytest.mark.parametrize("rule", [dict(threshold=0.5), dict(steps=32)])
+def test_mask_tail_never_commits_after_the_stop(rule):
+    lm, prompt = tiny(), prompts(2, seed=3)
+    cfg = dict(gen_length=32, block_length=8, eos_id=EOS, early_stop=True, **rule)
+    seen = []
+
+    def after_stop_committed(index, canvas, commit_step):  # positions after the row's first stop, not masks
+        stops = (canvas == EOS).long().cumsum(1) - (canvas == EOS).long() > 0
+        seen.append(int((stops & (canvas != MASK)).sum()))
+
+    generate(Recorder(lm, eos_bias=2.0), prompt, mask_id=MASK, config=SamplerConfig(**cfg),
+             on_forward=after_stop_committed)
+    assert sum(seen) > 0  # the case is exercised: without the option, tokens after a stop get committed
+    seen.clear()
+    tail = generate(Recorder(lm, eos_bias=2.0), prompt, mask_id=MASK, config=SamplerConfig(mask_tail=True, **cfg),
+                    on_forward=after_stop_committed)
+    assert seen and sum(seen) == 0
+    assert (tail.lengths < 32).any()
+    for row, n in enumerate(tail.lengths.tolist()):  # everything up to the stop committed; the tail never was
+        assert (tail.commit_step[row, : n + 1] > 0).all() and (tail.commit_step[row, n + 1 :] == -1).all()
+        assert (tail.tokens[row, n:] == EOS).all()
+    with pytest.raises(ValueError, match="needs early_stop"):
+        SamplerConfig(gen_length=8, block_length=8, steps=8, eos_id=EOS, mask_tail=True).validate()
 
 
 def test_end_of_turn_is_a_stop_token_too():

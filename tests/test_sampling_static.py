@@ -68,6 +68,8 @@ OPTIONS = {
     "entropy": dict(threshold=0.2, confidence="entropy", **STOP),
     "cfg": dict(steps=16, cfg_scale=1.0, **STOP),
     "suppress-float64": dict(threshold=0.3, suppress_ids=(5, 6), float64_confidence=True, **STOP),
+    "threshold-mask-tail": dict(threshold=0.3, mask_tail=True, **STOP),
+    "steps-mask-tail": dict(steps=16, mask_tail=True, **STOP),
 }
 
 

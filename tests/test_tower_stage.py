@@ -63,3 +63,15 @@ def test_tower_stage_rejects_a_frozen_tower(world, tmp_path):
                        "--set", f"train=[{world / 'train' / 'captions.json'}]", "--set", "max_steps=1",
                        "--set", f"output_dir={tmp_path / 'out'}"])
     assert code == 2
+
+
+def test_the_sft_stage_records_its_answer_padding_and_needs_prefix_dlm_for_a_causal_prompt(world):
+    conversations = [e["conversations"] for e in json.loads((world / "train" / "qa.json").read_text())[:4]]
+    base = [f"data.tokenizer={world / 'tokenizer'}", "init_vision_from=null"]
+    for padding, mask_tail in (("mask", True), ("eos", False)):
+        cfg = load_config(TrainConfig, ROOT / "configs/train/demo_sft.yaml", [*base, f"data.sft_padding={padding}"])
+        _, model = build(cfg, conversations)
+        assert model.config.sampler["mask_tail"] is mask_tail  # infer.py's sampler reads it from config.json
+    cfg = load_config(TrainConfig, ROOT / "configs/train/demo_sft.yaml", [*base, "prefix_dlm=false"])
+    with pytest.raises(ConfigError, match="set prefix_dlm: true"):
+        build(cfg)

@@ -46,6 +46,10 @@ def build(cfg: TrainConfig, conversations: list[list[dict]] | None = None):
         load_vision(model.vision, Path(cfg.init_vision_from))
     if conversations:  # infer.py puts a question's image where this data does
         model.config.image_position = image_position_of(conversations)
+        # Trained with masks after the answer's EOS, the model has never seen anything else there: the
+        # sampler then leaves the positions after a stop token masked (SamplerConfig.mask_tail).
+        model.config.sampler = {**(getattr(model.config, "sampler", None) or {}),
+                                "mask_tail": cfg.data.sft_padding == "mask"}
     added = add_answer_tokens(tokenizer, model.lm, conversations) if conversations and cfg.data.answer_tokens else []
     if len(tokenizer) > model.lm.config.vocab_size:
         raise ConfigError(f"tokenizer has {len(tokenizer)} tokens, the model only {model.lm.config.vocab_size}: "
