@@ -15,7 +15,8 @@ if [ ! -d "$out/sft/model" ]; then
 fi
 twin=(--set objective=autoregressive --set ar_warmup_steps=0 --set ar_loss_weight=0)
 rm -rf "$out/ar_sft"
-mmdlm-train --config configs/train/demo_sft.yaml "${twin[@]}" --set model.lm.attention=causal \
+# One compute thread, as demo.sh trains the diffusion model: the same budget for both.
+OMP_NUM_THREADS=1 mmdlm-train --config configs/train/demo_sft.yaml "${twin[@]}" --set model.lm.attention=causal \
     --set output_dir="$out/ar_sft"
 python infer/benchmark.py --model "$out/sft/model" --baseline "$out/ar_sft/model" --data "$out/world" \
     --limit "${LIMIT:-100}" --repeats 1 --threads 1 --plot "$out/frontier.png" | tee "$out/benchmark.md"
