@@ -7,6 +7,7 @@
 #   4. draw a fresh scene and answer a question about it with infer.py
 # Creates the virtual environment first when it is missing. Outputs go to runs/demo/.
 set -euo pipefail
+export MMDLM_EXTRAS="${MMDLM_EXTRAS:-eval}"  # the demo needs no test, server or quantisation packages
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 out=runs/demo
 mkdir -p "$out"
