@@ -39,15 +39,16 @@ STEP_DIVISORS = (1, 2, 4)  # the steps curve: gen_length / d steps over the whol
 TASKS = {"vqa": ("qa.json", 16, 16), "caption": ("captions.json", 64, 32)}  # file, gen_length, block_length
 
 
-def ladder(base: SamplerConfig, tau: float) -> list[tuple[str, SamplerConfig]]:
+def ladder(base: SamplerConfig, tau: float, mask_tail: bool = False) -> list[tuple[str, SamplerConfig]]:
     """Return the settings from vanilla LLaDA (one token per forward, no cache) to all speedups at once.
 
     Both caches appear alone and combined with threshold decoding and early stop: the prefix
-    cache is the exact one, the block cache the faster one when the prefix is short.
+    cache is the exact one, the block cache the faster one when the prefix is short. With early
+    stop, `mask_tail` is the model's own (infer.py's rule: models trained with mask padding).
     """
     fast = replace(base, threshold=tau)
     prefix = "prefix cache" if base.prefix_dlm else "prefix cache (prefix-DLM attention)"
-    stop = replace(fast, early_stop=True)
+    stop = replace(fast, early_stop=True, mask_tail=mask_tail)
     return [
         ("vanilla (1 token/step)", base),
         (f"+ {prefix}", base.with_cache("prefix")),
@@ -214,8 +215,9 @@ def with_model(args: argparse.Namespace) -> int:
                     metric="cider" if name == "caption" else "vqa")
         base = SamplerConfig(gen_length=gen_length, block_length=block_length, steps=gen_length,
                              prefix_dlm=answerer.prefix_dlm, eos_id=special.eos, stop_ids=(special.eot,))
+        mask_tail = bool(answerer.sampler_defaults.get("mask_tail"))
         rows = []
-        for label, config in ladder(base, args.tau):
+        for label, config in ladder(base, args.tau, mask_tail):
             rows.append(measure(label, config, task, rows[0] if rows else None))
         if twin is not None:  # same questions, same canvas length, left to right with its KV cache
             twin_task = dict(task, answerer=twin, prefixes=twin_prefixes)
@@ -223,7 +225,7 @@ def with_model(args: argparse.Namespace) -> int:
                                 decode=autoregressive))
         print(f"\n{name}: {len(requests)} samples, image + prompt encoding {encode_ms:.1f} ms/sample (not included)")
         print(table(name, rows, score_names[name]), flush=True)
-        fast = replace(base, early_stop=True).with_cache(cache)
+        fast = replace(base, early_stop=True, mask_tail=mask_tail).with_cache(cache)
         sweeps = {
             "threshold tau": [(f"tau {t}", replace(fast, threshold=t)) for t in TAUS],
             "factor rule": [(f"factor {f:g}", replace(fast, factor=f)) for f in FACTORS],
