@@ -6,8 +6,8 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="$root/.venv"
 stamp="$venv/.mmdlm-installed"  # "<sha256 of pyproject.toml> <extras installed>"
 want="$(sha256sum "$root/pyproject.toml" | cut -d' ' -f1)"
-# The extras a command needs: the tests need them all; demo.sh asks for fewer (MMDLM_EXTRAS=eval), which
-# shortens the first run (no gradio, fastapi, playwright, torchao, ruff: 1 min 59 s against 2 min 37 s).
+# The extras a command needs: the tests need them all; demo.sh asks for fewer (MMDLM_EXTRAS=eval: no gradio,
+# fastapi, playwright, torchao, ruff). torch dominates the install either way (README, Quick start).
 extras="${MMDLM_EXTRAS:-dev,lora,eval,serve,quant}"
 if [ ! -x "$venv/bin/python" ]; then
     echo "[env] creating $venv (first run installs torch and friends: a few minutes)"
