@@ -71,7 +71,7 @@ def test_default_finetune_learns_new_images_and_new_words(tmp_path):
     In miniature (four patterns, 320 images, 120 steps, from a random model instead of the demo
     model) so that it fits the test budget; the README's numbers are the full-size run. The random
     model's diffusion answer has learned nothing yet (the demo model's has), so the next-token-only
-    warm-up is a third of the steps here (40), not the defaults' 600 of 1,000.
+    warm-up is a third of the steps here (40), not the defaults' 900 of 1,200.
     """
     patterns = ("stripes", "checkerboard", "rings", "speckles")
     textures = synthesize_textures(tmp_path / "textures", n_train=320, n_test=80, seed=1, patterns=patterns)
