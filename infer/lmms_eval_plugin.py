@@ -1,7 +1,7 @@
 """lmms-eval model `mmdlm`: evaluate a model folder with lmms-eval's own tasks and scorers.
 
     pip install -e ".[lmms-eval]"
-    lmms-eval --model mmdlm --model_args pretrained=runs/demo/sft/model,threshold=0.9 \\
+    lmms-eval --model mmdlm --model_args pretrained=runs/demo/caption/model,threshold=0.9 \\
         --tasks mmdlm_demo_vqa --include_path configs/lmms_eval --batch_size 16
 
 lmms-eval finds the class through the package's entry point (group `lmms_eval.models`, see

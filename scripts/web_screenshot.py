@@ -1,6 +1,6 @@
 """Screenshot of mmdlm-web answering one image (docs/web_demo.png), taken in the system's headless Chromium.
 
-    python scripts/web_screenshot.py --model runs/demo/sft/model --image runs/demo/world/test/images/000000.png \
+    python scripts/web_screenshot.py --model runs/demo/caption/model --image runs/demo/world/test/images/000000.png \
         [--question "What colour is the circle?" | --caption] [--output docs/web_demo.png]
 
 The page runs on a free 127.0.0.1 port and stops afterwards; the PNG is saved with a 256-colour palette

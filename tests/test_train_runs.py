@@ -224,3 +224,24 @@ def test_nonfinite_losses_stop_the_run_with_a_message(world, start, tmp_path):
     assert proc.returncode == 3, proc.stderr[-3000:]
     assert "3 non-finite losses in a row at step 1" in proc.stderr
     assert (tmp_path / "nan" / "metrics.jsonl").read_text() == ""
+
+
+def test_the_caption_stage_mixes_captions_and_a_share_of_the_questions_from_the_sft_model(world, start, tmp_path):
+    """configs/train/demo_caption.yaml as scripts/demo.sh runs it, after SFT: captions and a seeded
+    quarter of the questions share the batches (not grouped by file), the frozen tower stays
+    bit-identical, and the export keeps prefix-DLM attention for the sampler's exact prefix cache."""
+    out = tmp_path / "caption"
+    items = [f"init_from={start}", f"data.json=[{world / 'train' / 'captions.json'}, {world / 'train' / 'qa.json'}]",
+             f"output_dir={out}", "micro_batch_size=8", "max_steps=4", "ar_warmup_steps=2", "save_every=0",
+             "data.log_sample_ids=true", "data.num_workers=0"]
+    run([sys.executable, "-m", "mmdlm.train", "--config", "configs/train/demo_caption.yaml",
+         *[arg for s in items for arg in ("--set", s)]])
+    assert [r["step"] for r in metrics(out)] == [1, 2, 3, 4]
+    seen = samples(out, 0)
+    assert any(any("-cap-" in i for i in ids) and any("-qa-" in i for i in ids) for ids in seen.values())
+    n_qa = len(json.loads((world / "train" / "qa.json").read_text()))
+    questions = {i for ids in seen.values() for i in ids if "-qa-" in i}
+    assert 0 < len(questions) <= round(0.25 * n_qa)  # only the seeded quarter is ever drawn
+    before, after = MMDLM.from_pretrained(start).state_dict(), MMDLM.from_pretrained(out / "model").state_dict()
+    assert all(torch.equal(before[k], after[k]) == k.startswith("vision.") for k in before)
+    assert json.loads((out / "model" / "config.json").read_text())["prefix_dlm"] is True

@@ -22,7 +22,7 @@ from mmdlm.train.loader import ResumableBatchSampler, advance, start_position, t
 from mmdlm.train.metrics import MetricsLog, NonFiniteGuard, TrainingDiverged
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ["align", "pretrain", "sft", "finetune", "demo_sft", "demo_tower_caption"]
+STAGES = ["align", "pretrain", "sft", "finetune", "demo_sft", "demo_caption", "demo_tower_caption"]
 
 
 def tiny_model() -> MMDLM:
@@ -107,8 +107,9 @@ def test_schedule_warms_up_then_decays_to_the_floor():
 def test_stage_configs_load_and_differ_only_in_data_and_modules(stage):
     cfg = load_train_config(ROOT / f"configs/train/{stage}.yaml")
     cfg.validate()
-    expected = {"align": ["projector"], "demo_sft": ["projector", "lm"], "pretrain": ["projector", "lm"],
-                "sft": ["vision", "projector", "lm"], "finetune": ["vision", "projector", "lm"]}
+    expected = {"align": ["projector"], "demo_sft": ["projector", "lm"], "demo_caption": ["projector", "lm"],
+                "pretrain": ["projector", "lm"], "sft": ["vision", "projector", "lm"],
+                "finetune": ["vision", "projector", "lm"]}
     if stage in expected:
         assert cfg.trainable == expected[stage]
     assert bool(cfg.data.shards) == (stage == "pretrain")
