@@ -18,7 +18,9 @@ from mmdlm.multimodal import MMDLM
 from mmdlm.sampling import SamplerConfig, generate
 
 TINY_IDS = ["--mask-id", "292", "--suppress-ids", "291", "290", "293", "294"]
-CLOSE = dict(atol=1e-5, rtol=1e-5)
+# fp32 through the tower's layers: the CPU's matmul kernels round differently (an AMD EPYC here
+# differs from the fixture's machine by 1.5e-5 in one of 4,608 vision features), so 1e-5 was too tight.
+CLOSE = dict(atol=5e-5, rtol=1e-4)
 
 
 @pytest.fixture(scope="module")
