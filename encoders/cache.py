@@ -10,11 +10,17 @@ entries, and nothing can hand a stale feature to a changed image. The memo fills
 and then stores nothing more (training reads its data in cycles, where least-recently-used eviction
 would evict every entry just before its next use). A hit returns the same numbers as a fresh tower
 call up to the last bits of batched convolution arithmetic.
+
+`save` / `load` carry the memo from one run to the next (`tower_cache_dir`): the demo's SFT stage
+fills it and its caption stage, on the same frozen tower, starts with every image's features. A
+file is named by the tower's fingerprint (a digest of its weights and buffers), so a changed tower
+never reads another tower's features.
 """
 
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 
 import torch
 
@@ -48,3 +54,35 @@ class TowerCache:
                 self.bytes += size
         rows = {k: row for row, k in enumerate(missing)}
         return torch.stack([fresh[rows[k]] if k in rows else self.entries[key] for k, key in enumerate(keys)])
+
+    def save(self, path: str | Path) -> None:
+        """Write every entry to `path` (one stacked tensor and its keys), atomically."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        keys = list(self.entries)
+        values = torch.stack([self.entries[k] for k in keys]) if keys else torch.empty(0)
+        tmp = path.with_suffix(".tmp")
+        torch.save({"keys": keys, "values": values}, tmp)
+        tmp.replace(path)
+
+    def load(self, path: str | Path) -> int:
+        """Add the entries saved in `path` (memory-mapped), up to `max_bytes`; return how many were added."""
+        saved = torch.load(path, mmap=True, weights_only=True)
+        added = 0
+        for key, value in zip(saved["keys"], saved["values"]):
+            size = value.numel() * value.element_size()
+            if key in self.entries or self.bytes + size > self.max_bytes:
+                continue
+            self.entries[key] = value
+            self.bytes += size
+            added += 1
+        return added
+
+
+def fingerprint(module: torch.nn.Module) -> str:
+    """Return a digest of a module's weights and buffers (names, shapes, dtypes and values)."""
+    digest = hashlib.blake2b(digest_size=8)
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
+        digest.update(tensor.detach().to("cpu").reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()

@@ -22,14 +22,12 @@ say "1/4 demo world -> $out/world"
 mmdlm-data synth --out "$out/world" --n 20000 --n-val 200 --n-test 300 --seed 0
 
 say "2/4 training (tower, sft, caption)"
-rm -rf "$out/tower" "$out/sft" "$out/caption"
+rm -rf "$out/tower" "$out/tower_features" "$out/sft" "$out/caption"
 mmdlm-pretrain-tower --config configs/train/demo_tower.yaml
-# One compute thread: the tiny LM's ops gain nothing from a second one (4.5 against 3.7 steps/s),
-# and the data worker (data.num_workers: 1) decodes images on the second core.
-OMP_NUM_THREADS=1 mmdlm-train --config configs/train/demo_sft.yaml
+mmdlm-train --config configs/train/demo_sft.yaml
 model="$out/sft/model" tasks="qa"
 if [ "${MMDLM_DEMO_CAPTIONS:-1}" != 0 ]; then
-    OMP_NUM_THREADS=1 mmdlm-train --config configs/train/demo_caption.yaml
+    mmdlm-train --config configs/train/demo_caption.yaml
     model="$out/caption/model" tasks="qa captions"
 fi
 

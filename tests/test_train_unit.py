@@ -10,7 +10,7 @@ import torch
 
 from mmdlm.config import ConfigError, load_config, load_yaml
 from mmdlm.data.errors import DataError
-from mmdlm.encoders.cache import TowerCache
+from mmdlm.encoders.cache import TowerCache, fingerprint
 from mmdlm.model import DiffusionLM, DLMConfig, LMConfig
 from mmdlm.multimodal import MMDLM, build_model
 from mmdlm.train import export as export_mod
@@ -143,6 +143,7 @@ def test_bad_configs_are_named(tmp_path):
                               ("data.group_by_file=-5", "group_by_file"),
                               ("trainable=[vision,lm]", "tower_cache_gb"),  # demo_sft caches its frozen tower
                               ("tower_cache_gb=-1", "tower_cache_gb"),
+                              ("tower_cache_gb=0", "tower_cache_dir keeps"),  # demo_sft keeps its cache
                               ("objective=autoregressive", "need objective=diffusion")]:  # demo_sft warms up with AR
         cfg = load_config(TrainConfig, ROOT / "configs/train/demo_sft.yaml", [override])
         with pytest.raises(ConfigError, match=message):
@@ -196,6 +197,37 @@ def test_tower_cache_returns_the_towers_output_and_computes_each_image_once():
     assert calls == [5, 4, 2] and len(model.tower_cache.entries) == 3
     assert (model.tower_cache.hits, model.tower_cache.misses) == (3, 6)
     assert first.requires_grad  # the projector still trains on cached features
+
+
+def test_a_saved_tower_cache_serves_the_next_run_and_is_named_by_the_towers_weights(tmp_path):
+    from mmdlm.train.train import load_tower_cache, tower_cache_file
+
+    model = tiny_model()
+    model.vision.requires_grad_(False)
+    torch.manual_seed(1)
+    images = torch.randn(4, 3, 64, 64)
+    model.tower_cache = TowerCache(max_bytes=2**30)
+    expected = model.encode_images(images).detach()
+    path = tower_cache_file(model, tmp_path, 0)
+    model.tower_cache.save(path)
+    # A later run on the same tower: every image is a hit, and the features are the saved ones.
+    model.tower_cache = TowerCache(max_bytes=2**30)
+    load_tower_cache(model, tmp_path, rank=0)
+    calls = []
+    model.vision.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
+    torch.testing.assert_close(model.encode_images(images[[2, 0]]), expected[[2, 0]], rtol=0, atol=0)
+    assert calls == [] and (model.tower_cache.hits, model.tower_cache.misses) == (2, 0)
+    # A changed tower has another fingerprint, so it never reads those features.
+    before = fingerprint(model.vision)
+    with torch.no_grad():
+        next(model.vision.parameters())[0].add_(1e-3)
+    assert fingerprint(model.vision) != before and tower_cache_file(model, tmp_path, 0) != path
+    model.tower_cache = TowerCache(max_bytes=2**30)
+    load_tower_cache(model, tmp_path, rank=0)
+    assert model.tower_cache.entries == {}
+    # The memory cap holds for loaded entries too.
+    small = TowerCache(max_bytes=2 * 64 * 128 * 4)
+    assert small.load(path) == 2 and len(small.entries) == 2
 
 
 def test_model_section_is_a_file_a_mapping_or_both():

@@ -105,6 +105,9 @@ class TrainConfig:
     # Keep a frozen tower's outputs in memory (encoders/cache.py), up to this many GiB, so each image
     # goes through the tower once per run; needs "vision" out of `trainable`, and ZeRO stage < 3.
     tower_cache_gb: float = 0.0
+    # With tower_cache_gb: a folder where the memo is kept between runs (one file per tower and rank),
+    # loaded at the start and written at the end, so a later stage on the same frozen tower starts warm.
+    tower_cache_dir: str | None = None
     compile: bool = False  # torch.compile each LM block (GPU: fuses elementwise kernels; first steps compile)
     output_dir: str = "runs/train"
     export_dir: str | None = None  # default: <output_dir>/model
@@ -134,6 +137,8 @@ class TrainConfig:
         if self.tower_cache_gb < 0 or (self.tower_cache_gb and "vision" in self.trainable):
             raise ConfigError(f"tower_cache_gb={self.tower_cache_gb} caches a frozen tower's outputs: it must be >= 0, "
                               "and 0 while 'vision' is in trainable")
+        if self.tower_cache_dir and not self.tower_cache_gb:
+            raise ConfigError("tower_cache_dir keeps the tower cache between runs: set tower_cache_gb too")
         if self.data.answer_tokens and not self.data.json:
             raise ConfigError("data.answer_tokens reads the answers of data.json conversations: set data.json")
         for name in ("micro_batch_size", "grad_accum", "max_steps", "log_every", "max_nonfinite", "keep_checkpoints"):

@@ -32,7 +32,7 @@ from mmdlm.config import to_dict
 from mmdlm.data.collate import Collator
 from mmdlm.data.tokenizer import special_ids
 from mmdlm.diffusion import masked_diffusion_loss, next_token_loss
-from mmdlm.encoders.cache import TowerCache
+from mmdlm.encoders.cache import TowerCache, fingerprint
 from mmdlm.errors import report_user_errors
 from mmdlm.multimodal import MMDLM
 from mmdlm.train import checkpoint
@@ -74,7 +74,7 @@ def loss_of(engine, batch: dict, cfg: TrainConfig, mask_id: int, generator: torc
 
     def next_token() -> torch.Tensor:  # causal attention whatever the model's own (AR warm-up, joint loss)
         logits = engine(ids, attention_mask=attention, image_features=features, image_sizes=image_sizes, causal=True)
-        return next_token_loss(logits, ids, maskable)
+        return next_token_loss(logits, ids, maskable, shifted=model.lm.config.shift_logits)
 
     if cfg.objective == "autoregressive" or step < cfg.ar_warmup_steps:
         return next_token(), None, None
@@ -164,6 +164,8 @@ def setup(cfg: TrainConfig, resume: bool) -> Run:
     ds_config = deepspeed_config(cfg, world)
     if cfg.tower_cache_gb:
         model.tower_cache = TowerCache(int(cfg.tower_cache_gb * 2**30))
+        if cfg.tower_cache_dir:
+            load_tower_cache(model, Path(cfg.tower_cache_dir), rank)
     found = checkpoint.prepare_resume(ckpt_dir, ds_config) if resume else None  # on this or another world size
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
     state = checkpoint.resume(engine, found) if found else checkpoint.TrainState()
@@ -185,6 +187,18 @@ def setup(cfg: TrainConfig, resume: bool) -> Run:
     return Run(cfg, engine, optimizer, tokenizer, special_ids(tokenizer).mask, batches, state, rank, out,
                MetricsLog(out, rank == 0, state.step, cfg.max_steps), NonFiniteGuard(cfg.max_nonfinite,
                state.nonfinite_total), StepStats(engine.device), samples_log, state.step if state.step else None)
+
+
+def tower_cache_file(model, folder: Path, rank: int | str) -> Path:
+    return folder / f"tower-{fingerprint(model.vision)}-rank{rank}.pt"
+
+
+def load_tower_cache(model, folder: Path, rank: int) -> None:
+    """Fill the model's tower cache from the files an earlier run on the same tower left in `folder`."""
+    files = sorted(folder.glob(tower_cache_file(model, folder, "*").name))
+    added = sum(model.tower_cache.load(f) for f in files)
+    if files and rank == 0:
+        print(f"tower cache: {added} images' features from {folder}", flush=True)
 
 
 def train_step(run: Run) -> dict:
@@ -239,6 +253,9 @@ def finish(run: Run) -> Path:
         run.samples_log.close()
     if run.saved_at != run.state.step:
         checkpoint.save(run.engine, run.ckpt_dir, run.state, cfg.keep_checkpoints)
+    cache = run.engine.module.tower_cache
+    if cfg.tower_cache_dir and cache is not None and cache.misses:
+        cache.save(tower_cache_file(run.engine.module, Path(cfg.tower_cache_dir), run.rank))
     export_dir = Path(cfg.export_dir or run.out / "model")
     export(run.engine, export_dir, run.tokenizer, lora_scale=cfg.lora.alpha / cfg.lora.r if cfg.lora.r else None)
     if run.rank == 0:
