@@ -32,6 +32,9 @@ def generate_autoregressive(
     """
     if model.config.attention != "causal":
         raise ValueError("generate_autoregressive needs a model with attention='causal' (the AR twin)")
+    if getattr(model.config, "shift_logits", False):
+        raise ValueError("generate_autoregressive reads the last position's logits as the next token's: "
+                         "a shift_logits model returns them one position later")
     prompt = read_prompt(prefix_ids, prefix_embeds, attention_mask, config.gen_length,
                          (config.eos_id, *config.stop_ids))
     B, P, G, device = prompt.batch_size, prompt.length, config.gen_length, prompt.device

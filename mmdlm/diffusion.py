@@ -108,14 +108,17 @@ def masked_diffusion_loss(
     )
 
 
-def next_token_loss(logits: torch.Tensor, input_ids: torch.Tensor, maskable: torch.Tensor) -> torch.Tensor:
+def next_token_loss(logits: torch.Tensor, input_ids: torch.Tensor, maskable: torch.Tensor,
+                    shifted: bool = False) -> torch.Tensor:
     """Return the autoregressive twin's loss: mean cross-entropy of token i+1 from position i.
 
     Only targets that are maskable (answers in SFT, text in pretraining) are scored, so the two
-    objectives learn from the same tokens.
+    objectives learn from the same tokens. `shifted`: the model shifted its logits already
+    (`shift_logits`: logits[:, i] is position i - 1's prediction of token i).
     """
     targets = input_ids[:, 1:]
     scored = maskable[:, 1:]
     if not scored.any():
         return logits.sum() * 0.0
-    return F.cross_entropy(logits[:, :-1][scored].float(), targets[scored])
+    predictions = logits[:, 1:] if shifted else logits[:, :-1]  # [B, L-1, V]: the predictions of tokens 1..L-1
+    return F.cross_entropy(predictions[scored].float(), targets[scored])

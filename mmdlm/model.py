@@ -43,6 +43,7 @@ class LMConfig:
     initializer_range: float | None = None
     attention: AttentionKind | None = None  # bidirectional (diffusion) or causal (the autoregressive twin)
     prefix_attention: AttentionKind | None = None  # with prefix-DLM attention: how prefix queries see the prefix
+    shift_logits: bool | None = None  # Dream's shift: position i's output predicts token i + 1
     mask_token_id: int | None = None
     tie_word_embeddings: bool | None = None
     eos_token_id: int | None = None  # kept by transformers as generic config attributes
@@ -73,6 +74,7 @@ class DLMConfig(PretrainedConfig):
         initializer_range: float = 0.02,
         attention: AttentionKind = "bidirectional",
         prefix_attention: AttentionKind = "bidirectional",
+        shift_logits: bool = False,
         mask_token_id: int | None = None,
         tie_word_embeddings: bool = False,
         **kwargs,
@@ -91,6 +93,11 @@ class DLMConfig(PretrainedConfig):
         # Only where a call passes prefix_len (prefix-DLM): "causal" encodes the prompt left to right,
         # as an autoregressive warm-up trained it, while the answer still sees every position.
         self.prefix_attention = prefix_attention
+        # Dream's layout: the prediction for token i is read from position i - 1's output, where an
+        # autoregressive model (or warm-up) keeps it; with a causal prompt, a one-word answer is then
+        # predicted exactly where the next-token steps taught it. forward() shifts before returning,
+        # so logits[:, i] still belongs to token i and losses and samplers index as before.
+        self.shift_logits = shift_logits
         self.mask_token_id = mask_token_id
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
         self.validate_sizes()
@@ -307,6 +314,9 @@ class DiffusionLM(PreTrainedModel):
         [start, start+L) come from the cache; `fill_cache` stores this call's keys/values in it.
         `causal` overrides `config.attention` for this call (an autoregressive loss on a
         bidirectional model: Dimple's warm-up, the joint AR + diffusion loss).
+        With `config.shift_logits`, logits[:, i] comes from position i - 1's output (the window's first
+        row, which has no position before it in the window, repeats its own): a caller that reads
+        logits from position j must start the window at j - 1 or before.
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
@@ -327,7 +337,11 @@ class DiffusionLM(PreTrainedModel):
                 x = checkpoint(block, x, cos, sin, mask, use_reentrant=False)
             else:
                 x = block(x, cos, sin, mask, cache, i, start, fill_cache)
-        return self.lm_head(self.norm(x[:, logits_from:]))
+        if self.config.shift_logits:
+            x = torch.cat([x[:, :1], x[:, :-1]], dim=1)[:, logits_from:]
+        else:
+            x = x[:, logits_from:]
+        return self.lm_head(self.norm(x))
 
 
 AutoConfig.register(DLMConfig.model_type, DLMConfig)

@@ -367,9 +367,16 @@ def _window(run: _Run, step: int, block_start: int, block_end: int, first: int) 
         start, end = P, P + config.gen_length
     else:  # DualCache: the block; prefix and suffix keys stay as they were at the block's start
         start, end = block_start, block_end
+    if start > 0 and shifts_logits(run.model):  # position j's logits come from j - 1: run that position too
+        start -= 1
     # Greedy low-confidence decoding draws nothing over the window: logits before `first` are never read.
     greedy = config.temperature == 0 and config.remasking == "low_confidence"
     return _Window(start, end, first if greedy else start, refresh)
+
+
+def shifts_logits(model) -> bool:
+    """Return whether `model` (a DiffusionLM or a model holding one as `.lm`) reads token i's logits at i - 1."""
+    return bool(getattr(getattr(model, "lm", model).config, "shift_logits", False))
 
 
 def _logits(run: _Run, rows: _Rows, window: _Window) -> torch.Tensor:
@@ -388,12 +395,12 @@ def _logits(run: _Run, rows: _Rows, window: _Window) -> torch.Tensor:
         kwargs["prefix_len"] = P
     if run.cache is not None:
         kwargs.update(cache=run.cache, start=start, fill_cache=window.fill_cache)
-    if rows.prefix_embeds is not None and start < P:  # windows start at 0 or at/after the prefix
+    if rows.prefix_embeds is not None and start < P:  # windows start at 0, at P - 1 (shift_logits) or after the prefix
         embed = run.model.get_input_embeddings()
-        prefix = rows.prefix_embeds.repeat(copies, 1, 1)  # [copies*n, P, D]
+        prefix = rows.prefix_embeds[:, start:].repeat(copies, 1, 1)  # [copies*n, P - start, D]
         if copies == 2:
-            prefix[len(rows.index) :] = embed(torch.full_like(ids[len(rows.index) :, :P], mask_id))
-        logits = run.model(inputs_embeds=torch.cat([prefix, embed(ids[:, P:])], dim=1), **kwargs)
+            prefix[len(rows.index) :] = embed(torch.full_like(ids[len(rows.index) :, : P - start], mask_id))
+        logits = run.model(inputs_embeds=torch.cat([prefix, embed(ids[:, P - start :])], dim=1), **kwargs)
     else:
         logits = run.model(input_ids=ids, **kwargs)
     if copies == 2:

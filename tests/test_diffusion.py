@@ -84,6 +84,15 @@ def test_next_token_loss_scores_only_maskable_targets():
     torch.testing.assert_close(next_token_loss(logits, ids, maskable), expected)
 
 
+def test_next_token_loss_of_shifted_logits_is_the_same_loss():
+    torch.manual_seed(0)
+    ids, logits = torch.randint(0, 6, (3, 5)), torch.randn(3, 5, 6)
+    maskable = torch.rand(3, 5) > 0.3
+    shifted = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)  # what a shift_logits model returns
+    torch.testing.assert_close(next_token_loss(shifted, ids, maskable, shifted=True),
+                               next_token_loss(logits, ids, maskable))
+
+
 def test_count_schedule_masks_one_to_all_and_scores_the_mean_of_the_masked():
     """LLaDA's eq. 6: l ~ U{1..L} masked, weight L/l; over L that is the masked tokens' mean cross-entropy."""
     torch.manual_seed(2)

@@ -77,6 +77,23 @@ def test_causal_prefix_encodes_the_prompt_as_the_causal_twin_and_the_answer_sees
         torch.testing.assert_close(model(ids[:, 7:], cache=cache, start=7), out[:, 7:], atol=1e-5, rtol=0)
 
 
+def test_shifted_logits_predict_each_token_from_the_position_before_it():
+    """shift_logits (Dream): with a causal prompt, a masked answer's first token is predicted exactly as a
+    next-token model predicts it, from the prompt's last position, whatever the answer region holds."""
+    model, plain = tiny(shift_logits=True, prefix_attention="causal"), tiny(prefix_attention="causal")
+    ids = torch.randint(0, 60, (2, 12))
+    with torch.no_grad():
+        out = model(ids, prefix_len=7)
+        torch.testing.assert_close(out[:, 1:], plain(ids, prefix_len=7)[:, :-1], rtol=0, atol=0)
+        torch.testing.assert_close(model(ids, prefix_len=7, logits_from=5), out[:, 5:], rtol=0, atol=0)
+        masked = ids.clone()
+        masked[:, 7:] = 63
+        first_answer = model(masked, prefix_len=7)[:, 7]
+        torch.testing.assert_close(first_answer, out[:, 7], rtol=0, atol=1e-6)  # the answer region is unseen
+        next_token = model(ids, causal=True)[:, 7]  # the warm-up's prediction of token 7
+        torch.testing.assert_close(first_answer, next_token, rtol=0, atol=1e-5)
+
+
 def test_padding_keys_are_never_attended():
     model = tiny()
     ids = torch.randint(0, 60, (1, 8))

@@ -129,6 +129,25 @@ def test_prefix_cache_gives_identical_tokens(embeds, extra):
     assert [n for n, _ in model.calls] == [9 + 16] + [16] * (cached.forward_passes - 1)
 
 
+@pytest.mark.parametrize("embeds", [False, True])
+@pytest.mark.parametrize("static", [False, True])
+@pytest.mark.parametrize("extra", [dict(steps=8), dict(threshold=0.5, early_stop=True, eos_id=EOS),
+                                   dict(steps=16, cfg_scale=1.5)])
+def test_a_shift_logits_model_decodes_the_same_with_the_prefix_cache(embeds, static, extra):
+    """Its canvas's first logits come from the prompt's last position: each cached forward recomputes it."""
+    torch.manual_seed(0)
+    lm = DiffusionLM(DLMConfig(**{**tiny().config.to_diff_dict(), "shift_logits": True,
+                                  "prefix_attention": "causal"})).eval()
+    prompt = prompts(2, 9)
+    cfg = dict(gen_length=16, block_length=8, prefix_dlm=True, **extra)
+    arg = dict(prefix_embeds=lm.get_input_embeddings()(prompt)) if embeds else dict(prefix_ids=prompt)
+    plain = generate(lm, mask_id=MASK, config=SamplerConfig(**cfg), **arg)
+    model = Recorder(lm)
+    cached = generate(model, mask_id=MASK, config=SamplerConfig(cache="prefix", static=static, **cfg), **arg)
+    assert torch.equal(plain.tokens, cached.tokens) and plain.forward_passes == cached.forward_passes
+    assert [n for n, _ in model.calls] == [9 + 16] + [1 + 16] * (cached.forward_passes - 1)
+
+
 def test_block_cache_recomputes_only_the_block_and_is_exact_at_block_starts():
     lm = tiny()
     prompt = prompts(1, 5)
