@@ -122,3 +122,19 @@ def next_token_loss(logits: torch.Tensor, input_ids: torch.Tensor, maskable: tor
         return logits.sum() * 0.0
     predictions = logits[:, 1:] if shifted else logits[:, :-1]  # [B, L-1, V]: the predictions of tokens 1..L-1
     return F.cross_entropy(predictions[scored].float(), targets[scored])
+
+
+def first_token_loss(logits: torch.Tensor, input_ids: torch.Tensor, prompt_length: torch.Tensor) -> torch.Tensor:
+    """Return the mean cross-entropy of each row's first answer token, from logits [B, L, V] of a
+    `shift_logits` model under prefix-DLM attention.
+
+    There logits[:, P] is the prompt's last position's prediction, which never sees the answer, so it
+    is a next-token prediction whether the answer was masked or not: this scores it in every row,
+    where the diffusion loss scores it only in the rows that masked it (`first_token_weight`).
+    """
+    B, L = input_ids.shape
+    rows = torch.arange(B, device=input_ids.device)[prompt_length < L]  # rows with an answer token
+    positions = prompt_length[rows]
+    if len(rows) == 0:
+        return logits.sum() * 0.0
+    return F.cross_entropy(logits[rows, positions].float(), input_ids[rows, positions])

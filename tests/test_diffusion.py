@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from mmdlm.diffusion import masked_diffusion_loss, next_token_loss, sample_masks
+from mmdlm.diffusion import first_token_loss, masked_diffusion_loss, next_token_loss, sample_masks
 
 
 def test_only_masked_maskable_positions_contribute():
@@ -91,6 +91,15 @@ def test_next_token_loss_of_shifted_logits_is_the_same_loss():
     shifted = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)  # what a shift_logits model returns
     torch.testing.assert_close(next_token_loss(shifted, ids, maskable, shifted=True),
                                next_token_loss(logits, ids, maskable))
+
+
+def test_first_token_loss_scores_each_rows_first_answer_token_where_the_logits_put_it():
+    ids = torch.tensor([[1, 2, 3, 4], [1, 5, 2, 2], [1, 2, 3, 3]])
+    prompt_length = torch.tensor([2, 3, 4])  # the last row has no answer token: not scored
+    logits = torch.randn(3, 4, 6)
+    expected = torch.nn.functional.cross_entropy(logits[[0, 1], [2, 3]], torch.tensor([3, 2]))
+    torch.testing.assert_close(first_token_loss(logits, ids, prompt_length), expected)
+    assert first_token_loss(logits, ids, torch.tensor([4, 4, 4])) == 0
 
 
 def test_count_schedule_masks_one_to_all_and_scores_the_mean_of_the_masked():

@@ -233,10 +233,13 @@ def test_the_caption_stage_mixes_captions_and_a_share_of_the_questions_from_the_
     out = tmp_path / "caption"
     items = [f"init_from={start}", f"data.json=[{world / 'train' / 'captions.json'}, {world / 'train' / 'qa.json'}]",
              f"output_dir={out}", "micro_batch_size=8", "max_steps=4", "ar_warmup_steps=2", "save_every=0",
-             "data.log_sample_ids=true", "data.num_workers=0"]
+             "data.log_sample_ids=true", "data.num_workers=0", f"tower_cache_dir={tmp_path / 'features'}"]
     run([sys.executable, "-m", "mmdlm.train", "--config", "configs/train/demo_caption.yaml",
          *[arg for s in items for arg in ("--set", s)]])
     assert [r["step"] for r in metrics(out)] == [1, 2, 3, 4]
+    # The frozen tower's features of the images it saw are kept for the next run on that tower.
+    kept = list((tmp_path / "features").glob("tower-*-rank0.pt"))
+    assert len(kept) == 1 and len(torch.load(kept[0], weights_only=True)["keys"]) > 0
     seen = samples(out, 0)
     assert any(any("-cap-" in i for i in ids) and any("-qa-" in i for i in ids) for ids in seen.values())
     n_qa = len(json.loads((world / "train" / "qa.json").read_text()))

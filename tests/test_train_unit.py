@@ -140,10 +140,10 @@ def test_bad_configs_are_named(tmp_path):
                               ("deepspeed=nope.json", "nope.json"), ("data.shards=x.tar", "exactly one"),
                               ("optim.lr_multipliers={tower: 0.1}", "lr_multipliers"),
                               ("ar_warmup_steps=-1", "ar_warmup_steps"),
+                              ("first_token_weight=-1", "first_token_weight"),
                               ("data.group_by_file=-5", "group_by_file"),
                               ("trainable=[vision,lm]", "tower_cache_gb"),  # demo_sft caches its frozen tower
                               ("tower_cache_gb=-1", "tower_cache_gb"),
-                              ("tower_cache_gb=0", "tower_cache_dir keeps"),  # demo_sft keeps its cache
                               ("objective=autoregressive", "need objective=diffusion")]:  # demo_sft warms up with AR
         cfg = load_config(TrainConfig, ROOT / "configs/train/demo_sft.yaml", [override])
         with pytest.raises(ConfigError, match=message):

@@ -86,6 +86,10 @@ class TrainConfig:
     # and `ar_loss_weight` > 0 adds that loss to every diffusion step (joint AR + diffusion).
     ar_warmup_steps: int = 0
     ar_loss_weight: float = 0.0
+    # With model.lm.shift_logits and prefix_dlm: w x the cross-entropy of each answer's first token at
+    # the prompt's last position, in every row of a diffusion step (it never sees the answer, so it is
+    # a next-token loss from the same forward); the diffusion loss scores it only where it is masked.
+    first_token_weight: float = 0.0
     complementary_masking: bool = False
     # Prefix-DLM attention (image + prompt never attend to the answer): makes the sampler's prefix
     # KV cache exact at inference. Stored in the exported model's config.
@@ -105,8 +109,9 @@ class TrainConfig:
     # Keep a frozen tower's outputs in memory (encoders/cache.py), up to this many GiB, so each image
     # goes through the tower once per run; needs "vision" out of `trainable`, and ZeRO stage < 3.
     tower_cache_gb: float = 0.0
-    # With tower_cache_gb: a folder where the memo is kept between runs (one file per tower and rank),
-    # loaded at the start and written at the end, so a later stage on the same frozen tower starts warm.
+    # With tower_cache_gb (unused without): a folder where the memo is kept between runs (one file per
+    # tower and rank), loaded at the start and written at the end, so a later stage on the same frozen
+    # tower starts warm.
     tower_cache_dir: str | None = None
     compile: bool = False  # torch.compile each LM block (GPU: fuses elementwise kernels; first steps compile)
     output_dir: str = "runs/train"
@@ -125,8 +130,8 @@ class TrainConfig:
                                     or not all(0 < f <= 1 for f in self.data.fractions)):
             raise ConfigError(f"data.fractions={self.data.fractions} needs one number in (0, 1] per data.json file "
                               f"({len(self.data.json)} given); --set data.fractions=[] uses every file whole")
-        if self.ar_warmup_steps < 0 or self.ar_loss_weight < 0:
-            raise ConfigError("ar_warmup_steps and ar_loss_weight must be >= 0")
+        if self.ar_warmup_steps < 0 or self.ar_loss_weight < 0 or self.first_token_weight < 0:
+            raise ConfigError("ar_warmup_steps, ar_loss_weight and first_token_weight must be >= 0")
         if (self.ar_warmup_steps or self.ar_loss_weight) and self.objective != "diffusion":
             raise ConfigError("ar_warmup_steps / ar_loss_weight help a diffusion model: they need objective=diffusion")
         if bool(self.data.json) == bool(self.data.shards):
@@ -137,8 +142,6 @@ class TrainConfig:
         if self.tower_cache_gb < 0 or (self.tower_cache_gb and "vision" in self.trainable):
             raise ConfigError(f"tower_cache_gb={self.tower_cache_gb} caches a frozen tower's outputs: it must be >= 0, "
                               "and 0 while 'vision' is in trainable")
-        if self.tower_cache_dir and not self.tower_cache_gb:
-            raise ConfigError("tower_cache_dir keeps the tower cache between runs: set tower_cache_gb too")
         if self.data.answer_tokens and not self.data.json:
             raise ConfigError("data.answer_tokens reads the answers of data.json conversations: set data.json")
         for name in ("micro_batch_size", "grad_accum", "max_steps", "log_every", "max_nonfinite", "keep_checkpoints"):

@@ -28,10 +28,10 @@ from typing import Any, TextIO
 import torch
 import torch.distributed as dist
 
-from mmdlm.config import to_dict
+from mmdlm.config import ConfigError, to_dict
 from mmdlm.data.collate import Collator
 from mmdlm.data.tokenizer import special_ids
-from mmdlm.diffusion import masked_diffusion_loss, next_token_loss
+from mmdlm.diffusion import first_token_loss, masked_diffusion_loss, next_token_loss
 from mmdlm.encoders.cache import TowerCache, fingerprint
 from mmdlm.errors import report_user_errors
 from mmdlm.multimodal import MMDLM
@@ -80,18 +80,24 @@ def loss_of(engine, batch: dict, cfg: TrainConfig, mask_id: int, generator: torc
         return next_token(), None, None
     prefix_len = batch["prompt_length"] if model.config.prefix_dlm else None  # [B]
 
+    seen = {}
+
     def logits_fn(noisy: torch.Tensor) -> torch.Tensor:  # [k*B, L] -> [k*B, L, V]
         k = noisy.shape[0] // ids.shape[0]
         feats = features.repeat(k, *[1] * (features.dim() - 1))
         prefix = None if prefix_len is None else prefix_len.repeat(k)
         sizes = None if image_sizes is None else image_sizes.repeat(k, 1)
-        return engine(noisy, attention_mask=attention.repeat(k, 1), image_features=feats, prefix_len=prefix,
-                      image_sizes=sizes)
+        seen["logits"] = engine(noisy, attention_mask=attention.repeat(k, 1), image_features=feats,
+                                prefix_len=prefix, image_sizes=sizes)
+        return seen["logits"]
 
     out = masked_diffusion_loss(logits_fn, ids, maskable, mask_id, eps=cfg.mask_eps,
                                 complementary=cfg.complementary_masking, generator=generator,
                                 schedule=cfg.mask_schedule)
     loss = out.loss + cfg.ar_loss_weight * next_token() if cfg.ar_loss_weight else out.loss
+    if cfg.first_token_weight:
+        loss = loss + cfg.first_token_weight * first_token_loss(seen["logits"][: ids.shape[0]], ids,
+                                                                batch["prompt_length"])
     return loss, out.t, out.per_sequence
 
 
@@ -160,6 +166,9 @@ def setup(cfg: TrainConfig, resume: bool) -> Run:
         checkpoint.check_fresh_start(ckpt_dir)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     tokenizer, model = build(cfg, read_conversations(cfg))
+    if cfg.first_token_weight and not (model.lm.config.shift_logits and model.config.prefix_dlm):
+        raise ConfigError("first_token_weight scores the prompt's last position: it needs model.lm.shift_logits "
+                          "and prefix_dlm (else that position sees the answer)")
     optimizer, scheduler = make_optimizer(model, cfg)
     ds_config = deepspeed_config(cfg, world)
     if cfg.tower_cache_gb:
