@@ -88,7 +88,8 @@ def run(stage: int, world_dir: Path, out: Path) -> list[dict]:
         "init_vision_from=null",
         f"deepspeed={ds}", f"micro_batch_size={ROWS}", "trainable=[vision, projector, lm]",
         "tower_cache_gb=0",
-        "ar_warmup_steps=0", "data.fractions=[]", *SMALL])  # every step masked diffusion, the loss compared row by row
+        "ar_warmup_steps=0", "first_token_weight=0",  # every step masked diffusion alone, compared row by row
+        "data.fractions=[]", *SMALL])
     if rank == 0:
         config = json.loads((ROOT / f"configs/deepspeed/zero{stage}.json").read_text())
         if stage == 3:  # partition every tensor, the tiny ones too: the tower's gathers are real collectives
