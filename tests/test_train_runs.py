@@ -42,13 +42,14 @@ def world(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def start(world, tmp_path_factory) -> Path:
-    """A saved model folder (the SMALL shape) to start from, as the align -> sft stages do."""
+    """A saved model folder (the SMALL shape) to start from, as the align -> sft stages do; its LM is laid out
+    as the demo's SFT model (causal prompt, shifted logits), which demo_caption.yaml's first_token_weight needs."""
     tokenizer = load_tokenizer(world / "tokenizer")
     ids = special_ids(tokenizer)
     torch.manual_seed(1)
     spec = {"vision": {"model": "resnet10t", "image_size": 64, "feature_layer": 2},
             "lm": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
-                   "num_key_value_heads": 1}}
+                   "num_key_value_heads": 1, "prefix_attention": "causal", "shift_logits": True}}
     model = build_model(spec, vocab_size=len(tokenizer), image_token_id=ids.image, mask_token_id=ids.mask)
     folder = tmp_path_factory.mktemp("start")
     model.save_pretrained(folder)
