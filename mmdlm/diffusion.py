@@ -132,8 +132,7 @@ def first_token_loss(logits: torch.Tensor, input_ids: torch.Tensor, prompt_lengt
     is a next-token prediction whether the answer was masked or not: this scores it in every row,
     where the diffusion loss scores it only in the rows that masked it (`first_token_weight`).
     """
-    B, L = input_ids.shape
-    rows = torch.arange(B, device=input_ids.device)[prompt_length < L]  # rows with an answer token
+    rows = (prompt_length < input_ids.shape[1]).nonzero().squeeze(1)  # rows with an answer token
     positions = prompt_length[rows]
     if len(rows) == 0:
         return logits.sum() * 0.0

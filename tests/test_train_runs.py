@@ -212,6 +212,14 @@ def test_two_nodes_on_loopback_split_the_shards(world, tmp_path):
     assert len(node0) == len(node1) == 6 and not node0 & node1  # documents from different shards
 
 
+def test_first_token_weight_on_a_model_without_shifted_logits_is_refused_in_one_line(world, tmp_path):
+    proc = subprocess.run(single(world, tmp_path / "noshift", "model.lm.shift_logits=false"), cwd=ROOT, env=ENV,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "error: first_token_weight scores the prompt's last position: it needs model.lm.shift_logits" in proc.stderr
+    assert not (tmp_path / "noshift" / "metrics.jsonl").exists()
+
+
 def test_nonfinite_losses_stop_the_run_with_a_message(world, start, tmp_path):
     broken = tmp_path / "nan_start"
     shutil.copytree(start, broken)
