@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 from mmdlm.data.synthetic import WorldOptions, synthesize
 from mmdlm.data.tokenizer import load_tokenizer, special_ids
 from mmdlm.multimodal import MMDLM, build_model
+from mmdlm.train.config import load_train_config
 from mmdlm.train.export import export_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -237,8 +238,8 @@ def test_nonfinite_losses_stop_the_run_with_a_message(world, start, tmp_path):
 
 def test_the_caption_stage_mixes_captions_and_a_share_of_the_questions_from_the_sft_model(world, start, tmp_path):
     """configs/train/demo_caption.yaml as scripts/demo.sh runs it, after SFT: captions and a seeded
-    quarter of the questions share the batches (not grouped by file), the frozen tower stays
-    bit-identical, and the export keeps prefix-DLM attention for the sampler's exact prefix cache."""
+    share of the questions (data.fractions) are mixed in the batches (not grouped by file), the frozen
+    tower stays bit-identical, and the export keeps prefix-DLM attention for the sampler's exact prefix cache."""
     out = tmp_path / "caption"
     items = [f"init_from={start}", f"data.json=[{world / 'train' / 'captions.json'}, {world / 'train' / 'qa.json'}]",
              f"output_dir={out}", "micro_batch_size=8", "max_steps=4", "ar_warmup_steps=2", "save_every=0",
@@ -253,7 +254,8 @@ def test_the_caption_stage_mixes_captions_and_a_share_of_the_questions_from_the_
     assert any(any("-cap-" in i for i in ids) and any("-qa-" in i for i in ids) for ids in seen.values())
     n_qa = len(json.loads((world / "train" / "qa.json").read_text()))
     questions = {i for ids in seen.values() for i in ids if "-qa-" in i}
-    assert 0 < len(questions) <= round(0.25 * n_qa)  # only the seeded quarter is ever drawn
+    share = load_train_config(ROOT / "configs/train/demo_caption.yaml").data.fractions[1]
+    assert share < 1 and 0 < len(questions) <= round(share * n_qa)  # only the seeded share is ever drawn
     before, after = MMDLM.from_pretrained(start).state_dict(), MMDLM.from_pretrained(out / "model").state_dict()
     assert all(torch.equal(before[k], after[k]) == k.startswith("vision.") for k in before)
     assert json.loads((out / "model" / "config.json").read_text())["prefix_dlm"] is True
