@@ -7,7 +7,7 @@
 #   3. evaluate VQA accuracy and caption CIDEr on the held-out test split
 #   4. draw a fresh scene, answer a question about it and describe it with infer.py
 # Creates the virtual environment first when it is missing. Outputs go to runs/demo/.
-# MMDLM_DEMO_CAPTIONS=0 skips the caption stage (about 6 minutes on 2 CPU cores): the demo model is then
+# MMDLM_DEMO_CAPTIONS=0 skips the caption stage (about 3 minutes on 2 CPU cores): the demo model is then
 # runs/demo/sft/model, which answers questions but does not caption.
 set -euo pipefail
 export MMDLM_EXTRAS="${MMDLM_EXTRAS:-eval}"  # the demo needs no test, server or quantisation packages
