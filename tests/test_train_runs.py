@@ -24,6 +24,7 @@ from mmdlm.data.tokenizer import load_tokenizer, special_ids
 from mmdlm.multimodal import MMDLM, build_model
 from mmdlm.train.config import load_train_config
 from mmdlm.train.export import export_checkpoint
+from mmdlm.train.loader import take_fractions
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
@@ -252,10 +253,11 @@ def test_the_caption_stage_mixes_captions_and_a_share_of_the_questions_from_the_
     assert len(kept) == 1 and len(torch.load(kept[0], weights_only=True)["keys"]) > 0
     seen = samples(out, 0)
     assert any(any("-cap-" in i for i in ids) and any("-qa-" in i for i in ids) for ids in seen.values())
-    n_qa = len(json.loads((world / "train" / "qa.json").read_text()))
+    qa = json.loads((world / "train" / "qa.json").read_text())
+    cfg = load_train_config(ROOT / "configs/train/demo_caption.yaml")
+    share = take_fractions([[], qa], cfg.data.fractions, cfg.seed)[1]  # the seeded subset the run draws from
     questions = {i for ids in seen.values() for i in ids if "-qa-" in i}
-    share = load_train_config(ROOT / "configs/train/demo_caption.yaml").data.fractions[1]
-    assert share < 1 and 0 < len(questions) <= round(share * n_qa)  # only the seeded share is ever drawn
+    assert len(share) < len(qa) and questions and questions <= {entry["id"] for entry in share}
     before, after = MMDLM.from_pretrained(start).state_dict(), MMDLM.from_pretrained(out / "model").state_dict()
     assert all(torch.equal(before[k], after[k]) == k.startswith("vision.") for k in before)
     assert json.loads((out / "model" / "config.json").read_text())["prefix_dlm"] is True
