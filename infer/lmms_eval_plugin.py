@@ -35,7 +35,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from mmdlm.errors import UserError
-from mmdlm.infer.infer import TASK_DEFAULTS, Answerer, InferError, load_model, sampler_config
+from mmdlm.infer.infer import DTYPES, TASK_DEFAULTS, Answerer, InferError, load_model, sampler_config
 from mmdlm.infer.likelihood import LikelihoodConfig, answer_loglikelihood
 
 try:
@@ -44,7 +44,6 @@ except ImportError:  # lmms-eval absent: the class still answers requests, unreg
     _LmmsBase = object
 
 SCORED = ("reply", "continuation")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def manifest():
@@ -72,9 +71,7 @@ class MMDLMEval(_LmmsBase):
         if dtype is not None and dtype not in DTYPES:
             raise UserError(f"model_args dtype={dtype!r}: use one of {sorted(DTYPES)}")
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        model, tokenizer = load_model(pretrained, device)
-        if dtype is not None:
-            model.to(DTYPES[dtype])
+        model, tokenizer = load_model(pretrained, device, dtype)
         self.answerer = Answerer(model, tokenizer)
         self.batch_size = int(batch_size) if str(batch_size).isdigit() else 8  # lmms-eval may pass "auto"
         self.defaults = dict(gen_length=int(gen_length), block_length=block_length, steps=steps,

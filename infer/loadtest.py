@@ -33,7 +33,7 @@ from pathlib import Path
 
 from mmdlm.data.synthetic import CAPTION_PROMPT, WorldOptions, synthesize_split
 from mmdlm.errors import report_user_errors
-from mmdlm.infer.infer import InferError, llava_requests
+from mmdlm.infer.infer import DTYPES, InferError, llava_requests
 
 
 def loopback(url: str) -> str:
@@ -152,13 +152,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model: str, batch_size: int, threads: int | None, wait: float = 180.0):
+def start_server(model: str, batch_size: int, threads: int | None, wait: float = 180.0, dtype: str | None = None):
     """Return (process, url) of an mmdlm-serve on a free loopback port, once /health answers."""
     import httpx
 
     port = free_port()
     command = [sys.executable, "-m", "mmdlm.infer.serve", "--model", str(Path(model).resolve()), "--port", str(port),
-               "--max-batch-size", str(batch_size)] + (["--threads", str(threads)] if threads else [])
+               "--max-batch-size", str(batch_size)] + (["--threads", str(threads)] if threads else []) \
+        + (["--dtype", dtype] if dtype else [])
     # Started outside the checkout, so the installed package is imported; its errors still reach stderr.
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, cwd=tempfile.gettempdir())
     url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + wait
@@ -210,6 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=32, help="answer canvas of every request")
     p.add_argument("--threshold", type=float, default=0.9)
     p.add_argument("--threads", type=int, help="torch threads of each started server")
+    p.add_argument("--dtype", choices=list(DTYPES), help="weights dtype of each started server (default: the "
+                   "checkpoint's)")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds a client waits for one answer")
     p.add_argument("--start-timeout", type=float, default=180.0, help="seconds a started server has to answer /health")
     return p
@@ -227,7 +230,7 @@ def run(args: argparse.Namespace) -> int:
         if args.url:
             names, urls = [args.url], [loopback(args.url)]
         for batch_size in [] if args.url else args.batch_sizes:
-            process, url = start_server(args.model, batch_size, args.threads, args.start_timeout)
+            process, url = start_server(args.model, batch_size, args.threads, args.start_timeout, args.dtype)
             processes.append(process)
             names.append(f"max batch {batch_size}")
             urls.append(url)

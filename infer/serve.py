@@ -29,7 +29,7 @@ from starlette.exceptions import HTTPException
 from mmdlm.errors import UserError, report_user_errors
 from mmdlm.infer.batching import Batcher, Reply
 from mmdlm.infer.chat_request import ImageRules, RequestError, parse_chat
-from mmdlm.infer.infer import Answerer, InferError, load_model
+from mmdlm.infer.infer import DTYPES, Answerer, InferError, load_model
 
 
 def error_body(message: str, status: int) -> dict:
@@ -163,6 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-local-images", metavar="DIR", help="let image_url name files under DIR (off: data URLs)")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--dtype", choices=list(DTYPES), help="cast the weights (default: the checkpoint's; bfloat16 "
+                   "on GPUs and on CPUs with AMX)")
     return p
 
 
@@ -178,7 +180,7 @@ def serving(args: argparse.Namespace):
     if allow is not None and not allow.is_dir():
         raise InferError(f"--allow-local-images {allow}: not a folder")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    answerer = Answerer(*load_model(args.model, device))
+    answerer = Answerer(*load_model(args.model, device, args.dtype))
     name = Path(args.model).resolve().name
     app = create_app(answerer, Batcher(answerer, args.max_batch_size), name, ImageRules(allow, args.max_image_pixels),
                      args.max_tokens, int(args.max_request_mb * (1 << 20)))

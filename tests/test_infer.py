@@ -10,8 +10,9 @@ import torch
 from PIL import Image
 
 from mmdlm.data.tokenizer import special_ids, train_demo_tokenizer
+from mmdlm.encoders.tower import VisionConfig, VisionTower
 from mmdlm.infer.evaluate import main as evaluate_main
-from mmdlm.infer.infer import TASK_DEFAULTS, Answerer, load_image, load_model, main
+from mmdlm.infer.infer import TASK_DEFAULTS, Answerer, InferError, load_image, load_model, main
 from mmdlm.infer.steps_viz import canvases, order_text, save_steps
 from mmdlm.multimodal import build_model
 from mmdlm.sampling import SamplerConfig
@@ -269,3 +270,26 @@ def test_the_autoregressive_twin_answers_left_to_right(twin_dir, images, capsys)
     assert main(["--model", str(folder), "--image", str(images / "0.png"), "--question", "what colour?",
                  "--template", "It is <mask>."]) == 2
     assert "autoregressive twin cannot fill holes" in capsys.readouterr().err
+
+
+def test_dtype_casts_the_weights_and_answers(model_dir, images, capsys):
+    model, _ = load_model(model_dir, dtype="bfloat16")
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert main(["--model", str(model_dir), "--image", str(images / "0.png"), "--question", "how many squares",
+                 "--dtype", "bfloat16"]) == 0
+    assert capsys.readouterr().out.strip()
+    with pytest.raises(InferError, match="--dtype int4: choose one of float32, bfloat16, float16"):
+        load_model(model_dir, dtype="int4")
+
+
+def test_channels_last_tower_gives_the_same_features():
+    """load_model stores the tower channels-last (faster oneDNN kernels); the features must not change."""
+    torch.manual_seed(0)
+    tower = VisionTower(VisionConfig(backend="timm", model="resnet18", image_size=32, feature_layer=2)).eval()
+    pixels = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        before = tower(pixels)
+        tower.to(memory_format=torch.channels_last)
+        after = tower(pixels)
+    assert tower.backbone.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-5)
