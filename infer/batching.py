@@ -1,17 +1,18 @@
 """Dynamic batching: requests that arrive while the model is busy are decoded together.
 
-One worker thread owns the language model. With the uncached sampler (the default unless the
-model was trained with prefix-DLM attention) it runs continuous batching (infer/continuous.py):
-the rows being decoded form a running batch, and before every forward the waiting requests with
-the same sampler options join it (up to `max_batch_size` rows), while each row leaves at the
-forward that finishes it and its answer is handed back then. The batch so stays full under load
-instead of draining to its slowest row. An encoder thread runs the tower on the waiting requests
-meanwhile (their images in one call), so that joining costs the worker nothing. When the oldest
-waiting request has other options, no one joins until the batch has drained, then those run.
-Cached configs are decoded by `generate` in whole batches: the oldest waiting request and every
-other with its options. Either way a row's tokens do not depend on its batch at temperature 0
-(left-padded rows keep their unpadded positions); with temperature > 0 the Gumbel draws come from
-one generator for the whole batch, so a sample depends on its neighbours.
+One worker thread owns the language model. With the uncached sampler, or the prefix cache (the
+default for a model trained with prefix-DLM attention), it runs continuous batching
+(infer/continuous.py): the rows being decoded form a running batch, and before every forward the
+waiting requests with the same sampler options join it (up to `max_batch_size` rows), while each
+row leaves at the forward that finishes it and its answer is handed back then. The batch so stays
+full under load instead of draining to its slowest row. An encoder thread runs the tower on the
+waiting requests meanwhile (their images in one call), so that joining costs the worker nothing.
+When the oldest waiting request has other options, no one joins until the batch has drained, then
+those run. The block cache, classifier-free guidance and the autoregressive twin are decoded by
+`generate` in whole batches: the oldest waiting request and every other with its options. Either
+way a row's tokens do not depend on its batch at temperature 0 (left-padded rows keep their
+unpadded positions); with temperature > 0 the Gumbel draws come from one generator for the whole
+batch, so a sample depends on its neighbours.
 """
 
 from __future__ import annotations
@@ -218,7 +219,8 @@ class Batcher:
             job.on_progress(tokens)
 
     def _decode(self, batch: list[Job]) -> None:
-        """Decode a whole batch with `generate` (cached configs), handing back each row as it finishes."""
+        """Decode a whole batch with `generate` (what a RunningBatch does not run), handing back each row as it
+        finishes."""
         try:
             def on_forward(*rows):
                 self._progress(batch, *rows)

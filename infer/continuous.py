@@ -11,17 +11,23 @@ uses without a cache, so at temperature 0 a row gets the tokens, commit steps an
 that `generate` gives it alone. Why joining mid-flight cannot change them: rows are left-padded to
 the batch's longest prompt with padded keys masked and each row's RoPE positions its own (as in
 `generate`'s batches); without a cache no state is shared between forwards but the canvas itself;
-and the commit rules act row by row. Padding is trimmed as long prompts leave. Only the uncached
-sampler runs here (`supports`): a prefix or block cache would have to be re-padded and, for the
-block cache, refreshed per row; those configs are decoded by `generate` in whole batches.
+and the commit rules act row by row. Padding is trimmed as long prompts leave.
+
+The prefix cache (exact: it comes with prefix-DLM attention, so a prefix's keys and values never
+depend on the answer) runs here too: a row's first forward runs all its positions, as `generate`'s
+does, and stores its prefix's keys and values, re-padded with the batch's; later forwards run only
+the canvas over them. Rows that joined run their first forward apart from the others, whose
+window is the canvas. The block cache (refreshed per block, approximate) and classifier-free
+guidance are not supported (`supports`): those configs are decoded by `generate` in whole batches.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
+from mmdlm.cache import KVCache
 from mmdlm.decoding import finished, first_stop
 from mmdlm.sampling import (
     SamplerConfig,
@@ -32,13 +38,25 @@ from mmdlm.sampling import (
     _Run,
     _Window,
     before_stop,
+    shifts_logits,
     tokens_per_step,
 )
 
 
 def supports(config: SamplerConfig) -> bool:
-    """Return whether rows with `config` can join a RunningBatch (the uncached sampler)."""
-    return config.cache == "none"
+    """Return whether rows with `config` can join a RunningBatch: the uncached sampler, or the prefix cache
+    (exact: it comes with prefix-DLM attention) without classifier-free guidance."""
+    return config.cache == "none" or (config.cache == "prefix" and config.cfg_scale == 0)
+
+
+def _pad_left(tensor: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+    """Return `tensor` with zeros in front along `dim` up to `width` (left padding)."""
+    extra = width - tensor.shape[dim]
+    if extra <= 0:
+        return tensor
+    shape = list(tensor.shape)
+    shape[dim] = extra
+    return torch.cat([tensor.new_zeros(shape), tensor], dim)
 
 
 @dataclass
@@ -56,7 +74,8 @@ class RunningBatch:
     def __init__(self, model, config: SamplerConfig, mask_id: int):
         config.validate()
         if not supports(config):
-            raise ValueError(f"cache={config.cache!r}: a running batch decodes without a cache")
+            raise ValueError(f"cache={config.cache!r}: a running batch decodes without a cache, or with the prefix "
+                             "cache and no classifier-free guidance")
         self.model, self.config, self.mask_id = model, config, mask_id
         self.device = next(model.parameters()).device
         self.stop_ids = torch.tensor([i for i in (config.eos_id, *config.stop_ids) if i is not None],
@@ -68,6 +87,8 @@ class RunningBatch:
         long = dict(dtype=torch.long, device=self.device)
         self.prompt_len = torch.zeros(0, **long)  # [n] real prompt tokens of each row
         self.embeds: torch.Tensor | None = None  # [n, P, D] prefix embeddings, left-padded to P
+        self.cache: KVCache | None = None  # prefix cache: keys/values [n - fresh, H_kv, P, d] of the rows' prefixes
+        self.fresh = 0  # rows at the end that joined since the last forward: theirs is not cached yet
         self.canvas = torch.zeros(0, G, **long)  # [n, G]
         self.commit_step = torch.zeros(0, G, **long)  # [n, G]
         self.block = torch.zeros(0, **long)  # [n] the block each row is filling
@@ -86,15 +107,18 @@ class RunningBatch:
         """Add rows before the next forward: each one's prefix embeddings [p, D] (Answerer.prefix_rows)."""
         k, P, G = len(keys), self.prefix_len, self.config.gen_length
         width = max(P, *(len(prefix) for prefix in prefixes))
-        if self.embeds is not None and width > P:  # the others take more left padding
-            self.embeds = torch.cat([self.embeds.new_zeros(len(self), width - P, self.embeds.shape[2]), self.embeds], 1)
         embeds = prefixes[0].new_zeros(k, width, prefixes[0].shape[-1])  # [k, P, D] left-padded
         for row, prefix in enumerate(prefixes):
             embeds[row, width - len(prefix) :] = prefix
-        self.embeds = embeds if self.embeds is None else torch.cat([self.embeds, embeds])
+        prompt_len = torch.tensor([len(p) for p in prefixes], device=self.device)
+        if self.cache is not None and width > P:  # the others take more left padding, in their keys too
+            self.cache.keys = [_pad_left(t, width, 2) for t in self.cache.keys]
+            self.cache.values = [_pad_left(t, width, 2) for t in self.cache.values]
+        self.fresh += k
+        self.embeds = embeds if self.embeds is None else torch.cat([_pad_left(self.embeds, width, 1), embeds])
         canvas = torch.full((k, G), self.mask_id, dtype=torch.long, device=self.device)
         self.keys += keys
-        self.prompt_len = torch.cat([self.prompt_len, torch.tensor([len(p) for p in prefixes], device=self.device)])
+        self.prompt_len = torch.cat([self.prompt_len, prompt_len])
         self.canvas = torch.cat([self.canvas, canvas])
         self.commit_step = torch.cat([self.commit_step, torch.full_like(canvas, -1)])
         zeros = torch.zeros(k, dtype=torch.long, device=self.device)
@@ -113,7 +137,7 @@ class RunningBatch:
         """Run one forward over every row, commit each row's tokens by its rule; return the rows it finished."""
         config, mask_id, L, P = self.config, self.mask_id, self.config.block_length, self.prefix_len
         rows, run, window = self._sampler_view()
-        logits = _logits(run, rows, window)  # [n, P + G - window.logits_from, V]
+        logits = _logits(run, rows, window) if config.cache == "none" else self._cached_logits(rows, run, window)
         self.forwards += 1
         for b in self.block.unique().tolist():  # rows in one block commit together, as in `generate`
             sel = (self.block == b).nonzero().squeeze(1)
@@ -136,6 +160,27 @@ class RunningBatch:
             done |= finished(self.canvas, mask_id, self.stop_ids)
         return self._leave(done) if done.any() else []
 
+    def _cached_logits(self, rows: _Rows, run: _Run, window: _Window) -> torch.Tensor:
+        """Return every row's logits [n, P + G - window.logits_from, V] with the prefix cache.
+
+        The rows that have a cache run the canvas `window` over it; the fresh ones run every position, as
+        `generate`'s first forward does, and their prefix's keys and values join the cache (with prefix-DLM
+        attention they never depend on the answer; the canvas's are recomputed at every forward).
+        """
+        n, P = len(self), self.prefix_len
+        old, new = torch.arange(n - self.fresh, device=self.device), torch.arange(n - self.fresh, n, device=self.device)
+        parts = [_logits(replace(run, cache=self.cache), rows.select(old), window)] if len(old) else []
+        if len(new):
+            cache = KVCache()
+            whole = replace(window, start=0, fill_cache=True)
+            parts.append(_logits(replace(run, cache=cache), rows.select(new), whole))
+            cache.keys, cache.values = ([t[:, :, :P] for t in store] for store in (cache.keys, cache.values))
+            if self.cache is not None:
+                cache.keys = [torch.cat(pair) for pair in zip(self.cache.keys, cache.keys)]
+                cache.values = [torch.cat(pair) for pair in zip(self.cache.values, cache.values)]
+            self.cache, self.fresh = cache, 0
+        return torch.cat(parts)
+
     def _sampler_view(self) -> tuple[_Rows, _Run, _Window]:
         """Return the rows, run and window as the sampler's step reads them (no cache: every position)."""
         config, mask_id = self.config, self.mask_id
@@ -151,10 +196,12 @@ class RunningBatch:
                      tokens, None, is_prompt, key_mask, position_ids, self.embeds)
         run = _Run(self.model, config, mask_id, P, self.stop_ids, None, None, None, None,
                    torch.zeros((), dtype=torch.long, device=self.device))
+        # With the prefix cache the window is the canvas (from P - 1 when logits shift), as `_window` runs it.
+        start = 0 if config.cache == "none" else P - int(shifts_logits(self.model))
         # Greedy low-confidence decoding reads logits from the earliest current block on (`_window`'s rule).
         greedy = config.temperature == 0 and config.remasking == "low_confidence"
-        logits_from = P + int(self.block.min()) * config.block_length if greedy else 0
-        return rows, run, _Window(0, P + G, logits_from, False)
+        logits_from = P + int(self.block.min()) * config.block_length if greedy else start
+        return rows, run, _Window(start, P + G, logits_from, False)
 
     def _advance(self) -> None:
         """Move each row whose block is done (filled, or its steps taken) to its next block."""
@@ -189,10 +236,14 @@ class RunningBatch:
         for name in ("prompt_len", "canvas", "commit_step", "block", "step", "forwards", "schedule"):
             setattr(self, name, getattr(self, name)[keep])
         if not len(keep):
-            self.embeds = None
+            self.embeds = self.cache = None
             return out
         trim = self.prefix_len - int(self.prompt_len.max())  # columns that are padding in every row left
         self.embeds = self.embeds[keep, trim:]
+        if self.cache is not None:
+            self.cache = self.cache.select(keep)
+            self.cache.keys = [t[:, :, trim:] for t in self.cache.keys]
+            self.cache.values = [t[:, :, trim:] for t in self.cache.values]
         return out
 
     def committed(self) -> list[int]:

@@ -23,6 +23,13 @@ def answerer(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def prefix_answerer(tmp_path_factory):
+    """A prefix-DLM model (the demo's recipe): its requests decode with the exact prefix cache."""
+    folder = infer_tests.saved_model(tmp_path_factory.mktemp("prefix"), "bidirectional", prefix_dlm=True)
+    return Answerer(*load_model(folder))
+
+
+@pytest.fixture(scope="module")
 def requests(answerer):
     """(prompt ids, image) of four requests whose prompts all differ in length."""
     images = [Image.effect_noise((30 + 9 * k, 40), 40 + 20 * k).convert("RGB") for k in range(len(QUESTIONS))]
@@ -54,10 +61,18 @@ CONFIGS = {
 }
 
 
-@pytest.mark.parametrize("name", list(CONFIGS))
-def test_rows_that_join_mid_flight_get_the_tokens_they_get_alone(answerer, requests, name):
+CASES = [(name, "none") for name in CONFIGS] + [(name, "prefix") for name in CONFIGS if "cfg" not in name]
+
+
+@pytest.mark.parametrize("name,cache", CASES)
+def test_rows_that_join_mid_flight_get_the_tokens_they_get_alone(answerer, prefix_answerer, requests, name, cache):
+    """Without a cache, and with the prefix cache of a prefix-DLM model (each row's prefix keys and values
+    computed as it joins, re-padded as longer prompts join and shorter ones are left)."""
+    if cache == "prefix":
+        answerer = prefix_answerer
     options = dict(CONFIGS[name])
-    config = replace(request_config(options.pop("options"), answerer, 32), **options)
+    config = replace(request_config({**options.pop("options"), "cache": cache}, answerer, 32), **options)
+    assert config.cache == cache and config.prefix_dlm == (cache == "prefix")
     expected = [alone(answerer, p, im, config) for p, im in requests]
     batch = RunningBatch(answerer.model.lm, config, answerer.special.mask)
     joins = {0: [0], 1: [2], 3: [1, 3]}  # forward -> rows joining before it; row 1 has the longest prompt
@@ -80,12 +95,18 @@ def test_rows_that_join_mid_flight_get_the_tokens_they_get_alone(answerer, reque
         assert mixed_blocks  # one forward served rows at different blocks
     if "early stop" in name:
         assert any(length < config.gen_length for _, _, length, _ in expected)  # some row stopped early
+    if cache == "prefix":
+        assert batch.cache is None  # the last row took its keys and values with it
 
 
-def test_a_running_batch_refuses_a_cache(answerer):
-    config = request_config({"max_tokens": 16, "cache": "block"}, answerer, 16)
+def test_a_running_batch_refuses_the_caches_it_cannot_keep(answerer, prefix_answerer):
+    config = request_config({"max_tokens": 16, "cache": "block"}, answerer, 16)  # refreshed per block: approximate
     with pytest.raises(ValueError, match="without a cache"):
         RunningBatch(answerer.model.lm, config, answerer.special.mask)
+    config = replace(request_config({"max_tokens": 16}, prefix_answerer, 16), cfg_scale=1.0)
+    assert config.cache == "prefix"
+    with pytest.raises(ValueError, match="no classifier-free guidance"):
+        RunningBatch(prefix_answerer.model.lm, config, prefix_answerer.special.mask)
 
 
 def test_the_last_row_leaving_empties_the_batch(answerer, requests):

@@ -23,13 +23,17 @@ LM = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attenti
           max_position_embeddings=96, initializer_range=0.3)
 
 
-def saved_model(folder, attention: str):
-    """Return `folder` holding a random-init tiny model as training exports it: weights, config and tokenizer."""
+def saved_model(folder, attention: str, prefix_dlm: bool = False):
+    """Return `folder` holding a random-init tiny model as training exports it: weights, config and tokenizer.
+
+    `prefix_dlm`: as the demo recipe trains it (a causal prompt, shifted logits), so the prefix cache is exact."""
     tokenizer = train_demo_tokenizer(TEXTS, folder, vocab_size=300)
     special = special_ids(tokenizer)
     torch.manual_seed(0)
-    model = build_model(dict(vision=VISION, lm={**LM, "attention": attention}), vocab_size=len(tokenizer),
+    extra = dict(prefix_attention="causal", shift_logits=True) if prefix_dlm else {}
+    model = build_model(dict(vision=VISION, lm={**LM, "attention": attention, **extra}), vocab_size=len(tokenizer),
                         image_token_id=special.image, mask_token_id=special.mask)
+    model.config.prefix_dlm = prefix_dlm
     model.save_pretrained(folder)
     return folder
 

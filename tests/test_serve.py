@@ -157,11 +157,20 @@ def test_an_answer_does_not_depend_on_its_batch(answerer):
         assert (a.answer.text, a.answer.pieces, a.answer.length) == (b.answer.text, b.answer.pieces, b.answer.length)
 
 
-def test_requests_that_join_a_running_batch_answer_as_alone(answerer):
+@pytest.fixture(scope="module")
+def prefix_answerer(tmp_path_factory):
+    """A prefix-DLM model, as the demo trains it: the server decodes it with the prefix cache."""
+    return Answerer(*load_model(infer_tests.saved_model(tmp_path_factory.mktemp("prefix"), "bidirectional", True)))
+
+
+@pytest.mark.parametrize("cache", ["none", "prefix"])
+def test_requests_that_join_a_running_batch_answer_as_alone(answerer, prefix_answerer, cache):
     """Requests queued after the running one's first forward join it mid-flight (continuous batching), a longer
-    prompt among them re-padding it, and every answer is the one `generate` gives alone."""
+    prompt among them re-padding it (and the prefix cache), and every answer is the one `generate` gives alone."""
+    answerer = prefix_answerer if cache == "prefix" else answerer
     config = replace(request_config({"max_tokens": 16, "block_length": 1, "threshold": 0}, answerer, 16),
                      early_stop=False)  # one token per forward, left to right: the first report comes at forward 1
+    assert config.cache == cache
     questions = ["what?", "how many squares are there on the left of the red circle?", "Describe the image."]
     images = [Image.effect_noise((30 + 9 * k, 40), 40 + 20 * k).convert("RGB") for k in range(3)]
     prompts = [answerer.prompt_ids([{"from": "user", "value": "<image>\n" + q}], [im])
