@@ -9,7 +9,9 @@ clients, and prints one table row per server with the speedup over the first row
 --repeats N the servers take turns N times (A B A B ...: on a shared machine a change in the
 neighbours' load hits both alike), and the table gives the medians and the median of each
 round's speedup; every round is printed too.
-With --url it measures a server already running; only loopback addresses are accepted. The
+With --url it measures a server already running; only loopback addresses are accepted. With
+--in-process it measures the server's batcher in this process without HTTP, the requests parsed
+beforehand: what batching gives when no HTTP server and client share the cores. The
 requests are the questions of a LLaVA file (--input; default: 16 freshly drawn demo-world
 scenes), every --caption-every-th one a caption; each client gives up on a request after --timeout s.
 """
@@ -146,6 +148,44 @@ async def hammer(url: str, bodies: list[dict], clients: int, timeout: float) -> 
             "mean_batch": statistics.mean(batch_sizes) if batch_sizes else 0.0}
 
 
+def batcher_alone(answerer, requests: list, batch_size: int, clients: int) -> dict:
+    """Return hammer's measurements of the server's Batcher in this process, without HTTP: `requests` (parsed
+    beforehand, ChatRequest) submitted from `clients` threads. What batching gives when nothing shares the cores."""
+    import threading
+
+    from mmdlm.infer.batching import Batcher
+
+    batcher = Batcher(answerer, batch_size).start()
+    latencies, batch_sizes, errors, queue = [], [], [], list(reversed(requests))
+
+    def client():
+        while True:
+            try:
+                request = queue.pop()
+            except IndexError:
+                return
+            began = time.perf_counter()
+            try:
+                batch_sizes.append(batcher.submit(request.prompt, request.images, request.config).result().batch_size)
+                latencies.append(time.perf_counter() - began)
+            except Exception as error:  # noqa: BLE001 - counted, as the HTTP client counts a failed request
+                errors.append(f"{type(error).__name__}: {error}")
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    began = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    seconds = time.perf_counter() - began
+    batcher.close()
+    latencies.sort()
+    return {"requests": len(requests), "errors": errors, "seconds": seconds, "rps": len(latencies) / seconds,
+            "p50": statistics.median(latencies) if latencies else float("nan"),
+            "p99": latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))] if latencies else float("nan"),
+            "mean_batch": statistics.mean(batch_sizes) if batch_sizes else 0.0}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -213,6 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="torch threads of each started server")
     p.add_argument("--dtype", choices=list(DTYPES), help="weights dtype of each started server (default: the "
                    "checkpoint's)")
+    p.add_argument("--in-process", action="store_true", help="with --model: measure the server's batcher in this "
+                   "process, without HTTP (the requests parsed beforehand)")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds a client waits for one answer")
     p.add_argument("--start-timeout", type=float, default=180.0, help="seconds a started server has to answer /health")
     return p
@@ -225,6 +267,8 @@ def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a `timeout` or kill still stops the servers below
     bodies = request_bodies(args.input, args.requests, args.max_tokens, args.threshold, args.caption_every)
     warmup = bodies[: min(4, len(bodies))]
+    if args.in_process:
+        return in_process(args, bodies)
     names, urls, processes = [], [], []
     try:
         if args.url:
@@ -247,11 +291,41 @@ def run(args: argparse.Namespace) -> int:
             process.terminate()
         for process in processes:
             process.wait(timeout=60)
+    return report(names, rounds, args.clients)
+
+
+def in_process(args: argparse.Namespace, bodies: list[dict]) -> int:
+    """--in-process: each --batch-sizes entry's Batcher in turn, --repeats rounds, the table as for servers."""
+    import torch
+
+    from mmdlm.infer.chat_request import ImageRules, parse_chat
+    from mmdlm.infer.infer import Answerer, load_model
+
+    if not args.model:
+        raise InferError("--in-process measures a --model folder in this process, not a --url")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    answerer = Answerer(*load_model(args.model, "cuda" if torch.cuda.is_available() else "cpu", args.dtype))
+    requests = [parse_chat(body, answerer, ImageRules(), args.max_tokens) for body in bodies]
+    names = [f"batcher, max batch {b}" for b in args.batch_sizes]
+    for batch_size in args.batch_sizes:  # warm-up
+        batcher_alone(answerer, requests[:4], batch_size, 4)
+    rounds = []
+    for k in range(args.repeats):
+        rounds.append([batcher_alone(answerer, requests, b, args.clients) for b in args.batch_sizes])
+        if args.repeats > 1:
+            print(f"round {k + 1}: " + ", ".join(f"{n} {m['rps']:.2f} req/s" for n, m in zip(names, rounds[-1])),
+                  flush=True)
+    return report(names, rounds, args.clients)
+
+
+def report(names: list[str], rounds: list[list[dict]], clients: int) -> int:
+    """Print the errors and the table of medians; return 1 when a request failed."""
     rows = medians(rounds)
     for row in rows:
         for error in row["errors"][:3]:
             print(f"error: {error}", file=sys.stderr)
-    print(table(list(zip(names, rows)), args.clients))
+    print(table(list(zip(names, rows)), clients))
     return 1 if any(row["errors"] for row in rows) else 0
 
 

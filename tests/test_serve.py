@@ -291,3 +291,22 @@ def test_the_load_test_reports_medians_and_the_median_of_each_round_s_speedup():
     alone, batched = medians(rounds)
     assert alone["speedup"] == 1 and batched["speedup"] == 4  # rounds 4x, 5x, 2.25x: not 8 / 2
     assert (batched["rps"], batched["requests"], batched["errors"]) == (8, 24, ["HTTP 500"])
+
+
+def test_the_in_process_load_test_measures_the_batcher_without_http(tmp_path, capsys):
+    """--in-process: the same requests through the server's Batcher, one table row per batch size, no errors."""
+    from mmdlm.infer.loadtest import main as loadtest
+
+    folder = infer_tests.saved_model(tmp_path / "model", "bidirectional", True)
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "a.png").write_bytes(png_bytes())
+    entries = [{"image": "images/a.png", "conversations": [{"from": "human", "value": f"<image>\n{q}"}]}
+               for q in ("how many squares", "what colour?", "where is the circle?")]
+    (tmp_path / "qa.json").write_text(json.dumps(entries))
+    assert loadtest(["--model", str(folder), "--input", str(tmp_path / "qa.json"), "--in-process", "--clients", "4",
+                     "--requests", "6", "--batch-sizes", "1", "4", "--max-tokens", "8", "--caption-every", "3"]) == 0
+    rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines() if line.startswith("| batcher")]
+    assert [row[0] for row in rows] == ["| batcher, max batch 1", "| batcher, max batch 4"]
+    assert [(row[2], row[3]) for row in rows] == [("6", "0"), ("6", "0")]  # requests, errors
+    assert float(rows[0][7]) == 1.0 and 1.0 <= float(rows[1][7]) <= 4.0  # mean batch
