@@ -111,7 +111,8 @@ def create_app(answerer: Answerer, batcher: Batcher, model_name: str, rules: Ima
         if not chat_request.stream:
             reply = await asyncio.wrap_future(batcher.submit(chat_request.prompt, chat_request.images,
                                                              chat_request.config))
-            return completion(reply, request_id, model_name, created)
+            return JSONResponse(completion(reply, request_id, model_name, created))  # plain JSON: FastAPI's encoder
+            # would walk the dict again
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
         future = batcher.submit(chat_request.prompt, chat_request.images, chat_request.config,
                                 on_progress=lambda tokens: loop.call_soon_threadsafe(events.put_nowait, tokens))
