@@ -117,6 +117,16 @@ class Connection:
             self.streams = None
 
 
+def measurements(requests: int, errors: list[str], seconds: float, latencies: list[float],
+                 batch_sizes: list[int]) -> dict:
+    """Return one run's measurements: requests/s, p50/p99 latency, mean batch, the errors."""
+    latencies = sorted(latencies)
+    return {"requests": requests, "errors": errors, "seconds": seconds, "rps": len(latencies) / seconds,
+            "p50": statistics.median(latencies) if latencies else float("nan"),
+            "p99": latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))] if latencies else float("nan"),
+            "mean_batch": statistics.mean(batch_sizes) if batch_sizes else 0.0}
+
+
 async def hammer(url: str, bodies: list[dict], clients: int, timeout: float) -> dict:
     """Send every body once from `clients` concurrent clients (one connection each); return the measurements."""
     latencies, batch_sizes, errors = [], [], []
@@ -141,11 +151,7 @@ async def hammer(url: str, bodies: list[dict], clients: int, timeout: float) -> 
     began = time.perf_counter()
     await asyncio.gather(*(client() for _ in range(clients)))
     seconds = time.perf_counter() - began
-    latencies.sort()
-    return {"requests": len(bodies), "errors": errors, "seconds": seconds, "rps": len(latencies) / seconds,
-            "p50": statistics.median(latencies) if latencies else float("nan"),
-            "p99": latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))] if latencies else float("nan"),
-            "mean_batch": statistics.mean(batch_sizes) if batch_sizes else 0.0}
+    return measurements(len(bodies), errors, seconds, latencies, batch_sizes)
 
 
 def batcher_alone(answerer, requests: list, batch_size: int, clients: int) -> dict:
@@ -179,11 +185,7 @@ def batcher_alone(answerer, requests: list, batch_size: int, clients: int) -> di
         thread.join()
     seconds = time.perf_counter() - began
     batcher.close()
-    latencies.sort()
-    return {"requests": len(requests), "errors": errors, "seconds": seconds, "rps": len(latencies) / seconds,
-            "p50": statistics.median(latencies) if latencies else float("nan"),
-            "p99": latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))] if latencies else float("nan"),
-            "mean_batch": statistics.mean(batch_sizes) if batch_sizes else 0.0}
+    return measurements(len(requests), errors, seconds, latencies, batch_sizes)
 
 
 def free_port() -> int:
