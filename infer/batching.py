@@ -1,18 +1,23 @@
 """Dynamic batching: requests that arrive while the model is busy are decoded together.
 
-One worker thread owns the language model. With the uncached sampler, or the prefix cache (the
-default for a model trained with prefix-DLM attention), it runs continuous batching
-(infer/continuous.py): the rows being decoded form a running batch, and before every forward the
-waiting requests with the same sampler options join it (up to `max_batch_size` rows), while each
-row leaves at the forward that finishes it and its answer is handed back then. The batch so stays
-full under load instead of draining to its slowest row. An encoder thread runs the tower on the
-waiting requests meanwhile (their images in one call), so that joining costs the worker nothing.
-When the oldest waiting request has other options, no one joins until the batch has drained, then
-those run. The block cache, classifier-free guidance and the autoregressive twin are decoded by
-`generate` in whole batches: the oldest waiting request and every other with its options. Either
-way a row's tokens do not depend on its batch at temperature 0 (left-padded rows keep their
-unpadded positions); with temperature > 0 the Gumbel draws come from one generator for the whole
-batch, so a sample depends on its neighbours.
+One thread does all of the model's work, in rounds (`Batcher.tick`). With the uncached sampler,
+or the prefix cache (the default for a model trained with prefix-DLM attention), it runs
+continuous batching (infer/continuous.py): the rows being decoded form a running batch, and
+before every forward the waiting requests with the same sampler options join it (up to
+`max_batch_size` rows; their images go through the tower in one call), while each row leaves at
+the forward that finishes it and its answer is handed back then. The batch so stays full under
+load instead of draining to its slowest row. When the oldest waiting request has other options,
+no one joins until the batch has drained, then those run. The block cache, classifier-free
+guidance and the autoregressive twin are decoded by `generate` in whole batches: the oldest
+waiting request and every other with its options. Either way a row's tokens do not depend on its
+batch at temperature 0 (left-padded rows keep their unpadded positions); with temperature > 0
+the Gumbel draws come from one generator for the whole batch, so a sample depends on its neighbours.
+
+Why one thread: every torch op gives up Python's GIL and must take it back, so a second thread
+running Python or torch stalls each of the decoding thread's ops. On a 2-core CPU, a batch of 16
+demo rows took 15 ms a forward alone, 27 ms with the tower running in a second thread, and
+2.5 s with a thread spinning in Python. `start()` runs the rounds on a worker thread in this
+process (tests, the web demo); mmdlm-serve runs them in a process of their own (infer/engine.py).
 """
 
 from __future__ import annotations
@@ -49,16 +54,14 @@ class Job:
     future: Future = field(default_factory=Future)  # -> Reply
     forwards: int = 0  # forwards its row took part in
     sent: int = 0  # committed tokens already given to on_progress
-    prefix: torch.Tensor | None = None  # [p, D] its prefix embeddings, once the encoder thread has run the tower
-    encoding: bool = False  # the encoder thread is running the tower on it
 
 
 class Batcher:
-    """Decodes submitted requests in batches on one worker thread; `submit` returns a Future of a Reply.
+    """Decodes submitted requests in batches; `submit` returns a Future of a Reply.
 
-    A second thread, the encoder, runs the tower on waiting requests (up to `max_batch_size` images
-    a call) while the worker decodes: the images of the requests that join the next forward are
-    ready when it starts, and the worker's time goes to the language model.
+    `tick()` is one round: start the waiting requests that can start, run one forward of the
+    running batch. `start()` runs rounds on a worker thread until `close()`; without it the
+    owner calls `tick()` itself while `busy` (infer/engine.py's process does).
     """
 
     def __init__(self, answerer: Answerer, max_batch_size: int = 16):
@@ -66,25 +69,25 @@ class Batcher:
             raise ValueError(f"max_batch_size={max_batch_size}: give at least 1")
         self.answerer, self.max_batch_size = answerer, max_batch_size
         self._waiting: deque[Job] = deque()
-        self._wake = threading.Condition()  # guards _waiting, _closing and every job's prefix / encoding
+        self._wake = threading.Condition()  # guards _waiting and _closing
         self._closing = False
-        self._threads: list[threading.Thread] = []
-        self._running: RunningBatch | None = None  # touched by the worker only
+        self._thread: threading.Thread | None = None
+        self._running: RunningBatch | None = None  # touched by tick only
 
     def start(self) -> Batcher:
-        self._threads = [threading.Thread(target=self._loop, name="mmdlm-batcher", daemon=True),
-                         threading.Thread(target=self._encode_loop, name="mmdlm-encoder", daemon=True)]
-        for thread in self._threads:
-            thread.start()
+        self._thread = threading.Thread(target=self._loop, name="mmdlm-batcher", daemon=True)
+        self._thread.start()
         return self
 
     def close(self) -> None:
-        """Stop the worker once the rows it is decoding finish; requests still waiting fail with RuntimeError."""
+        """Stop once the rows being decoded finish; requests still waiting fail with RuntimeError."""
         with self._wake:
             self._closing = True
             self._wake.notify_all()
-        for thread in self._threads:
-            thread.join()
+        if self._thread is not None:
+            self._thread.join()
+        while self._running is not None:  # driven by its owner: finish the rows here
+            self.tick()
         while self._waiting:
             job = self._waiting.popleft()
             if job.future.set_running_or_notify_cancel():
@@ -94,11 +97,16 @@ class Batcher:
     def waiting(self) -> int:
         return len(self._waiting)
 
+    @property
+    def busy(self) -> bool:
+        """Whether a tick has work: rows being decoded or requests waiting."""
+        return self._running is not None or bool(self._waiting)
+
     def submit(self, prompt: list[int], images: list[Image.Image], config: SamplerConfig,
                on_progress: Callable[[list[int]], None] | None = None) -> Future:
         """Queue one request (a prompt from Answerer.prompt_ids and its images); return the Future of its Reply.
 
-        `on_progress(tokens)` is called from the worker thread whenever the answer's committed
+        `on_progress(tokens)` is called from the decoding thread whenever the answer's committed
         prefix (up to its first hole or stop token) grows: committed tokens never change.
         """
         job = Job(prompt, images, config, on_progress)
@@ -109,85 +117,59 @@ class Batcher:
             self._wake.notify_all()
         return job.future
 
-    def _encode_loop(self) -> None:
-        """The encoder thread: prefix embeddings of waiting requests (continuous batching's), oldest first."""
+    def tick(self) -> None:
+        """One round: start what can start (or decode one whole `generate` batch), run one forward of the rest."""
+        jobs = self._take()
+        if jobs and not supports(jobs[0].config):
+            self._decode(jobs)
+            return
+        if jobs:
+            self._join(jobs)
+        if self._running is not None:
+            self._step()
+
+    def _loop(self) -> None:
         while True:
             with self._wake:
-                while not (jobs := self._unencoded()) and not self._closing:
+                while not self._closing and not self.busy:
                     self._wake.wait()
-                if self._closing:
-                    return
-                for job in jobs:
-                    job.encoding = True
-            try:
-                prefixes, error = self.answerer.prefix_rows([j.prompt for j in jobs], [j.images for j in jobs]), None
-            except Exception as caught:  # noqa: BLE001 - a bad request fails itself, never the server
-                prefixes, error = [None] * len(jobs), caught
-            with self._wake:
-                for job, prefix in zip(jobs, prefixes):
-                    job.prefix, job.encoding = prefix, False
-                    if error is not None:
-                        self._waiting.remove(job)
-                        if job.future.set_running_or_notify_cancel():
-                            job.future.set_exception(error)
-                self._wake.notify_all()
+                if self._closing and self._running is None:
+                    return  # close() fails the requests still waiting
+            self.tick()
 
-    def _unencoded(self) -> list[Job]:
-        return [job for job in self._waiting if job.prefix is None and not job.encoding and supports(job.config)
-                ][: self.max_batch_size]
+    def _take(self) -> list[Job]:
+        """Return the requests to start now (possibly none).
 
-    def _take(self) -> list[Job] | None:
-        """Return the requests to start now (possibly none); None once closing with nothing left to decode.
-
-        With a running batch: the encoded requests with its options, while the oldest waiting one
-        has them, up to the free rows. Otherwise the oldest request's options, and the encoded
-        requests with them (for a cached config, whole batches without the encoder: every waiting one).
+        With a running batch: the requests with its options, while the oldest waiting one has
+        them, up to the free rows. Otherwise the oldest request's options, and every request with them.
         """
         running = self._running
         with self._wake:
-            while True:
-                if running:
-                    if self._closing or not self._waiting or self._waiting[0].config != running.config:
-                        return []  # the batch drains first
-                    config, room = running.config, self.max_batch_size - len(running)
-                elif self._closing:
-                    return None
-                elif self._waiting:
-                    config, room = self._waiting[0].config, self.max_batch_size
-                else:
-                    self._wake.wait()
-                    continue
-                batch = [job for job in self._waiting if job.config == config
-                         and (job.prefix is not None or not supports(config))][:room]
-                if batch or running:
-                    break
-                self._wake.wait()  # the encoder is on them
+            if self._closing or not self._waiting:
+                return []
+            config, room = self._waiting[0].config, self.max_batch_size
+            if running is not None:
+                if config != running.config:
+                    return []  # the batch drains first
+                room -= len(running)
+            batch = [job for job in self._waiting if job.config == config][:room]
             for job in batch:
                 self._waiting.remove(job)
         # A request whose client went away before it started is dropped here.
         return [job for job in batch if job.future.set_running_or_notify_cancel()]
 
-    def _loop(self) -> None:
-        while (jobs := self._take()) is not None:
-            if jobs and not supports(jobs[0].config):
-                self._decode(jobs)
-                continue
-            if jobs:
-                self._join(jobs)
-            if self._running:
-                self._step()
-
     def _join(self, jobs: list[Job]) -> None:
-        """Add encoded `jobs` to the running batch (a new one when none runs)."""
+        """Add `jobs` to the running batch (a new one when none runs), their images through the tower in one call."""
         try:
+            prefixes = self.answerer.prefix_rows([job.prompt for job in jobs], [job.images for job in jobs])
             if self._running is None:
                 self._running = RunningBatch(self.answerer.model.lm, jobs[0].config, self.answerer.special.mask)
-            self._running.join(jobs, [job.prefix for job in jobs])
+            self._running.join(jobs, prefixes)
         except Exception as error:  # noqa: BLE001 - a bad request fails itself, never the server
             for job in jobs:
                 job.future.set_exception(error)
-        for job in jobs:
-            job.prefix = None  # the batch holds its own copy
+            if self._running is not None and not self._running:
+                self._running = None
 
     def _step(self) -> None:
         """One forward of the running batch: stream what it committed, hand back the rows it finished."""

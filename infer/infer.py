@@ -80,8 +80,11 @@ def read_image(source, name: str, max_pixels: int | None = None) -> Image.Image:
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def load_model(path: str | Path, device: str = "cpu", dtype: str | None = None):
+def load_model(path: str | Path, device: str = "cpu", dtype: str | None = None, weights: bool = True):
     """Return (MMDLM in eval mode on `device`, tokenizer) from a model folder written by training.
+
+    `weights=False` builds the model on the meta device without reading its weights: what turning
+    requests into prompts needs (its config, tokenizer and image processing), in no memory.
 
     `dtype` (a DTYPES name) casts the weights; None keeps the checkpoint's. The tower's weights are
     stored channels-last, so that its convolutions (and a CNN's pooling) take oneDNN's fast kernels
@@ -106,6 +109,9 @@ def load_model(path: str | Path, device: str = "cpu", dtype: str | None = None):
     try:
         # AutoTokenizer reads the folder's config.json too, and warns that it is not a tokenizer's
         tokenizer = load_tokenizer(folder / "tokenizer" if (folder / "tokenizer").is_dir() else folder)
+        if not weights:
+            with torch.device("meta"):
+                return MMDLM(MMDLM.config_class.from_pretrained(folder)).eval(), tokenizer
         model = MMDLM.from_pretrained(folder)
     except DataError:
         raise  # the tokenizer's own message already names the folder and the fix

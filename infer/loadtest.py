@@ -194,14 +194,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model: str, batch_size: int, threads: int | None, wait: float = 180.0, dtype: str | None = None):
+def start_server(model: str, batch_size: int, threads: int | None, wait: float = 180.0, dtype: str | None = None,
+                 engine: str = "process"):
     """Return (process, url) of an mmdlm-serve on a free loopback port, once /health answers."""
     import httpx
 
     port = free_port()
     command = [sys.executable, "-m", "mmdlm.infer.serve", "--model", str(Path(model).resolve()), "--port", str(port),
-               "--max-batch-size", str(batch_size)] + (["--threads", str(threads)] if threads else []) \
-        + (["--dtype", dtype] if dtype else [])
+               "--max-batch-size", str(batch_size), "--engine", engine] \
+        + (["--threads", str(threads)] if threads else []) + (["--dtype", dtype] if dtype else [])
     # Started outside the checkout, so the installed package is imported; its errors still reach stderr.
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, cwd=tempfile.gettempdir())
     url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + wait
@@ -255,6 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="torch threads of each started server")
     p.add_argument("--dtype", choices=list(DTYPES), help="weights dtype of each started server (default: the "
                    "checkpoint's)")
+    p.add_argument("--engine", choices=("process", "thread"), default="process", help="mmdlm-serve --engine of "
+                   "each started server")
     p.add_argument("--in-process", action="store_true", help="with --model: measure the server's batcher in this "
                    "process, without HTTP (the requests parsed beforehand)")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds a client waits for one answer")
@@ -268,7 +271,7 @@ def run(args: argparse.Namespace) -> int:
                          "the load test is bounded")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a `timeout` or kill still stops the servers below
     bodies = request_bodies(args.input, args.requests, args.max_tokens, args.threshold, args.caption_every)
-    warmup = bodies[: min(4, len(bodies))]
+    warmup = bodies[: 2 * args.clients]  # at the test's concurrency: the batch shapes it will run
     if args.in_process:
         return in_process(args, bodies)
     names, urls, processes = [], [], []
@@ -276,12 +279,13 @@ def run(args: argparse.Namespace) -> int:
         if args.url:
             names, urls = [args.url], [loopback(args.url)]
         for batch_size in [] if args.url else args.batch_sizes:
-            process, url = start_server(args.model, batch_size, args.threads, args.start_timeout, args.dtype)
+            process, url = start_server(args.model, batch_size, args.threads, args.start_timeout, args.dtype,
+                                        args.engine)
             processes.append(process)
             names.append(f"max batch {batch_size}")
             urls.append(url)
         for url in urls:
-            asyncio.run(hammer(url, warmup, len(warmup), args.timeout))
+            asyncio.run(hammer(url, warmup, args.clients, args.timeout))
         rounds = []
         for k in range(args.repeats):
             rounds.append([asyncio.run(hammer(url, bodies, args.clients, args.timeout)) for url in urls])

@@ -1,13 +1,14 @@
 """An OpenAI-compatible HTTP server for a model folder, with dynamic batching and streaming.
 
-    mmdlm-serve --model DIR [--host 127.0.0.1] [--port 8000] [--max-batch-size 16]
+    mmdlm-serve --model DIR [--host 127.0.0.1] [--port 8000] [--max-batch-size 16] [--engine process]
 
 POST /v1/chat/completions takes OpenAI's chat format (text and image_url parts; images as
 data:image/...;base64 URLs, local paths only under --allow-local-images DIR), `max_tokens` as the
 answer canvas, and mmdlm's sampler options as extra fields (threshold, factor, cache,
 block_length, steps, confidence). `stream: true` answers in Server-Sent Events as tokens are
 committed. GET /v1/models and GET /health. A bad request gets a 4xx JSON error that says what to
-fix, and never stops the server.
+fix, and never stops the server. The model decodes in a process of its own (infer/engine.py);
+this one reads HTTP and parses requests.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from starlette.exceptions import HTTPException
 from mmdlm.errors import UserError, report_user_errors
 from mmdlm.infer.batching import Batcher, Reply
 from mmdlm.infer.chat_request import ImageRules, RequestError, parse_chat
+from mmdlm.infer.engine import EngineProcess
 from mmdlm.infer.infer import DTYPES, Answerer, InferError, load_model
 
 
@@ -96,6 +98,8 @@ def create_app(answerer: Answerer, batcher: Batcher, model_name: str, rules: Ima
 
     @app.get("/health")
     async def health():
+        if getattr(batcher, "error", None):  # the model process is gone (EngineProcess)
+            return JSONResponse(error_body(batcher.error, 503), status_code=503)
         return {"status": "ok", "model": model_name, "waiting": batcher.waiting,
                 "max_batch_size": batcher.max_batch_size}
 
@@ -163,6 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-image-pixels", type=int, default=4096 * 4096, help="refuse larger images before decoding")
     p.add_argument("--allow-local-images", metavar="DIR", help="let image_url name files under DIR (off: data URLs)")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    p.add_argument("--engine", choices=("process", "thread"), default="process",
+                   help="decode in a process of its own (default: HTTP never stalls it) or in a thread of the server's")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", choices=list(DTYPES), help="cast the weights (default: the checkpoint's; bfloat16 "
                    "on GPUs and on CPUs with AMX)")
@@ -181,10 +187,15 @@ def serving(args: argparse.Namespace):
     if allow is not None and not allow.is_dir():
         raise InferError(f"--allow-local-images {allow}: not a folder")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    answerer = Answerer(*load_model(args.model, device, args.dtype))
+    if args.engine == "process":  # the model loads in the child; requests are parsed here, with no weights
+        batcher = EngineProcess(args.model, args.max_batch_size, device, args.dtype, args.threads).start()
+        answerer = Answerer(*load_model(args.model, device, args.dtype, weights=False))
+    else:
+        answerer = Answerer(*load_model(args.model, device, args.dtype))
+        batcher = Batcher(answerer, args.max_batch_size)
     name = Path(args.model).resolve().name
-    app = create_app(answerer, Batcher(answerer, args.max_batch_size), name, ImageRules(allow, args.max_image_pixels),
-                     args.max_tokens, int(args.max_request_mb * (1 << 20)))
+    app = create_app(answerer, batcher, name, ImageRules(allow, args.max_image_pixels), args.max_tokens,
+                     int(args.max_request_mb * (1 << 20)))
     return app, name
 
 

@@ -29,9 +29,10 @@ def answerer(tmp_path_factory):
     return Answerer(*load_model(folder))
 
 
-def png_bytes(size=(40, 30), seed=60) -> bytes:
+def png_bytes(size=(40, 30), sigma=60) -> bytes:
+    """A PNG of fresh random noise (effect_noise draws new pixels each call)."""
     buffer = io.BytesIO()
-    Image.effect_noise(size, seed).convert("RGB").save(buffer, format="PNG")
+    Image.effect_noise(size, sigma).convert("RGB").save(buffer, format="PNG")
     return buffer.getvalue()
 
 
@@ -195,7 +196,7 @@ def test_requests_that_join_a_running_batch_answer_as_alone(answerer, prefix_ans
 
 def test_concurrent_clients_get_their_own_answers(server):
     asked = [("how many squares", 10), ("what colour?", 20), ("Describe the image.", 30), ("where?", 40)]
-    requests = [chat(q, data_url(png_bytes(seed=seed)), max_tokens=16) for q, seed in asked]
+    requests = [chat(q, data_url(png_bytes(sigma=sigma)), max_tokens=16) for q, sigma in asked]
     alone = [server.client.post("/v1/chat/completions", json=r).json()["choices"][0]["message"] for r in requests]
     results = [None] * (2 * len(requests))
 

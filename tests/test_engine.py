@@ -1,0 +1,128 @@
+"""mmdlm-serve's engine process: the answers of the in-process sampler, streaming, errors, a dead child."""
+
+import base64
+import io
+import os
+import signal
+from concurrent.futures import wait
+
+import numpy as np
+import pytest
+import test_infer as infer_tests
+from PIL import Image
+
+from mmdlm.infer.chat_request import request_config
+from mmdlm.infer.engine import EngineProcess
+from mmdlm.infer.infer import Answerer, InferError, load_model
+
+QUESTIONS = ["What colour is it?", "Describe the image.", "Is there a circle in the picture, and where?", "Size?"]
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return infer_tests.saved_model(tmp_path_factory.mktemp("model"), "bidirectional", prefix_dlm=True)
+
+
+@pytest.fixture(scope="module")
+def answerer(folder):
+    return Answerer(*load_model(folder))
+
+
+@pytest.fixture(scope="module")
+def engine(folder):
+    engine = EngineProcess(folder, max_batch_size=8).start()
+    yield engine
+    engine.close()
+
+
+@pytest.fixture(scope="module")
+def requests(answerer):
+    """Four ragged requests, each with its own image (seeded noise): (prompt, images)."""
+    out = []
+    for k, question in enumerate(QUESTIONS):
+        pixels = np.random.default_rng(k).integers(0, 256, (32, 24 + 8 * k, 3), dtype=np.uint8)
+        image = Image.fromarray(pixels)
+        out.append((answerer.prompt_ids([{"from": "user", "value": f"<image>\n{question}"}], [image]), [image]))
+    return out
+
+
+@pytest.mark.parametrize("options", [{"max_tokens": 16, "threshold": 0.5}, {"max_tokens": 16, "cache": "block",
+                                                                             "block_length": 8}])
+def test_the_engine_answers_each_request_as_the_sampler_does_alone(engine, answerer, requests, options):
+    """Submitted together (a running batch, or one `generate` batch for the block cache), each gets its own answer."""
+    config = request_config(options, answerer, 16)
+    futures = [engine.submit(prompt, images, config) for prompt, images in requests]
+    wait(futures, timeout=120)
+    for future, (prompt, images) in zip(futures, requests):
+        alone = answerer.answer_prompts([prompt], [images], config)[0]
+        reply = future.result()
+        assert (reply.answer.text, reply.answer.length, reply.answer.forward_passes, reply.answer.commit_step) == \
+            (alone.text, alone.length, alone.forward_passes, alone.commit_step)
+        assert reply.prompt_tokens == len(prompt)
+    assert engine.waiting == 0 and engine.error is None
+
+
+def test_the_engine_streams_growing_prefixes_of_the_answer(engine, answerer, requests):
+    config = request_config({"max_tokens": 32, "block_length": 8, "threshold": 0}, answerer, 32)
+    (prompt, images), reports = requests[1], []
+    reply = engine.submit(prompt, images, config, on_progress=reports.append).result(timeout=120)
+    assert len(reports) >= 2 and all(later[: len(earlier)] == earlier and len(later) > len(earlier)
+                                     for earlier, later in zip(reports, reports[1:]))
+    assert len(reports[-1]) == reply.answer.length and answerer.decode(reports[-1]) == reply.answer.text
+
+
+def test_a_request_that_fails_in_the_engine_fails_alone(engine, answerer, requests):
+    config = request_config({"max_tokens": 16}, answerer, 16)
+    (prompt, _), good = requests[0], requests[2]
+    bad = engine.submit(prompt, [], config)  # an image placeholder run without its image
+    with pytest.raises(ValueError, match="0 images"):
+        bad.result(timeout=120)
+    assert engine.submit(*good, config).result(timeout=120).answer.text == \
+        answerer.answer_prompts([good[0]], [good[1]], config)[0].text
+
+
+def test_a_model_folder_that_does_not_load_stops_the_start_with_its_reason(tmp_path):
+    with pytest.raises(InferError, match="model folder not found"):
+        EngineProcess(tmp_path / "missing").start()
+
+
+def test_when_the_model_process_dies_requests_fail_and_health_says_so(folder, answerer, requests):
+    from fastapi.testclient import TestClient
+
+    from mmdlm.infer.chat_request import ImageRules
+    from mmdlm.infer.serve import create_app
+
+    engine = EngineProcess(folder).start()
+    config = request_config({"max_tokens": 64, "block_length": 64, "steps": 64}, answerer, 64)  # 64 forwards
+    pending = [engine.submit(*request, config) for request in requests]
+    os.kill(engine._process.pid, signal.SIGKILL)
+    for future in pending:  # answered before the kill, or failed with the reason
+        assert future.exception(timeout=60) is None or "model process stopped" in str(future.exception())
+    assert "model process stopped" in str(pending[-1].exception())
+    with pytest.raises(RuntimeError, match="restart mmdlm-serve"):
+        engine.submit(*requests[0], config)
+    with TestClient(create_app(answerer, engine, "tiny", ImageRules())) as client:
+        health = client.get("/health")
+    assert health.status_code == 503 and "model process stopped" in health.json()["error"]["message"]
+
+
+def test_mmdlm_serve_parses_with_no_weights_and_decodes_in_its_engine(folder, answerer, requests):
+    from fastapi.testclient import TestClient
+
+    from mmdlm.infer.chat_request import ImageRules, parse_chat
+    from mmdlm.infer.serve import build_parser, serving
+
+    app, name = serving(build_parser().parse_args(["--model", str(folder), "--max-batch-size", "4"]))
+    buffer = io.BytesIO()
+    requests[3][1][0].save(buffer, format="PNG")
+    url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    body = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                                      {"type": "text", "text": QUESTIONS[3]}]}], "max_tokens": 16}
+    parsed = parse_chat(body, answerer, ImageRules(), 64)  # what a server with the weights in-process decodes
+    expected = answerer.answer_prompts([parsed.prompt], [parsed.images], parsed.config)[0]
+    with TestClient(app) as client:
+        response = client.post("/v1/chat/completions", json=body)
+        assert client.get("/health").json()["status"] == "ok"
+    assert response.status_code == 200, response.text
+    assert response.json()["choices"][0]["message"]["content"] == expected.text
+    assert response.json()["mmdlm"]["forward_passes"] == expected.forward_passes
