@@ -37,6 +37,10 @@ from mmdlm.infer.infer import Answer, Answerer
 from mmdlm.sampling import SamplerConfig
 
 
+class Unavailable(RuntimeError):
+    """The model takes no requests: the server is shutting down, or its model process stopped (HTTP 503)."""
+
+
 @dataclass
 class Reply:
     answer: Answer
@@ -80,7 +84,7 @@ class Batcher:
         return self
 
     def close(self) -> None:
-        """Stop once the rows being decoded finish; requests still waiting fail with RuntimeError."""
+        """Stop once the rows being decoded finish; requests still waiting fail with Unavailable."""
         with self._wake:
             self._closing = True
             self._wake.notify_all()
@@ -91,7 +95,7 @@ class Batcher:
         while self._waiting:
             job = self._waiting.popleft()
             if job.future.set_running_or_notify_cancel():
-                job.future.set_exception(RuntimeError("the server is shutting down"))
+                job.future.set_exception(Unavailable("the server is shutting down"))
 
     @property
     def waiting(self) -> int:
@@ -112,7 +116,7 @@ class Batcher:
         job = Job(prompt, images, config, on_progress)
         with self._wake:
             if self._closing:
-                raise RuntimeError("the server is shutting down")
+                raise Unavailable("the server is shutting down")
             self._waiting.append(job)
             self._wake.notify_all()
         return job.future

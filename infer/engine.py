@@ -26,6 +26,7 @@ from concurrent.futures import Future, InvalidStateError
 
 from PIL import Image
 
+from mmdlm.infer.batching import Unavailable
 from mmdlm.infer.infer import InferError
 from mmdlm.sampling import SamplerConfig
 
@@ -43,7 +44,7 @@ class EngineProcess:
         self._lock = threading.Lock()  # guards _jobs, _error and _closing
         self._keys = itertools.count()
         self._outbox: queue.SimpleQueue = queue.SimpleQueue()  # messages for the child, sent by the feeder thread
-        self._error: RuntimeError | None = None  # set once the child has stopped
+        self._error: Unavailable | None = None  # set once the child has stopped
         self._closing = False
         self._waiting = 0  # the child's count of requests not yet started, as of its last message
         self._process = None
@@ -86,7 +87,7 @@ class EngineProcess:
             if self._error is not None:
                 raise self._error
             if self._closing:
-                raise RuntimeError("the server is shutting down")
+                raise Unavailable("the server is shutting down")
             key = next(self._keys)
             self._jobs[key] = (future, on_progress)
         self._outbox.put(("submit", key, (prompt, images, config, on_progress is not None)))
@@ -100,7 +101,7 @@ class EngineProcess:
         self._outbox.put(("cancel", key, None))
 
     def close(self) -> None:
-        """Let the child finish the rows it is decoding and exit; requests still waiting fail with RuntimeError."""
+        """Let the child finish the rows it is decoding and exit; requests still waiting fail with Unavailable."""
         with self._lock:
             if self._closing or self._process is None:
                 return
@@ -142,7 +143,7 @@ class EngineProcess:
         self._process.join(timeout=10)
         code = self._process.exitcode
         with self._lock:
-            self._error = RuntimeError("the server is shutting down" if self._closing else
+            self._error = Unavailable("the server is shutting down" if self._closing else
                                        f"the model process stopped (exit code {code}): restart mmdlm-serve")
             pending, self._jobs = list(self._jobs.values()), {}
         for future, _ in pending:

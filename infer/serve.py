@@ -28,7 +28,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from mmdlm.errors import UserError, report_user_errors
-from mmdlm.infer.batching import Batcher, Reply
+from mmdlm.infer.batching import Batcher, Reply, Unavailable
 from mmdlm.infer.chat_request import ImageRules, RequestError, parse_chat
 from mmdlm.infer.engine import EngineProcess
 from mmdlm.infer.infer import DTYPES, Answerer, InferError, load_model
@@ -91,6 +91,10 @@ def create_app(answerer: Answerer, batcher: Batcher, model_name: str, rules: Ima
     @app.exception_handler(HTTPException)
     async def http_error(request, error: HTTPException):
         return JSONResponse(error_body(str(error.detail), error.status_code), status_code=error.status_code)
+
+    @app.exception_handler(Unavailable)
+    async def unavailable(request, error: Unavailable):
+        return JSONResponse(error_body(str(error), 503), status_code=503)
 
     @app.exception_handler(Exception)
     async def server_error(request, error: Exception):

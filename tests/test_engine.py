@@ -11,6 +11,7 @@ import pytest
 import test_infer as infer_tests
 from PIL import Image
 
+from mmdlm.infer.batching import Unavailable
 from mmdlm.infer.chat_request import request_config
 from mmdlm.infer.engine import EngineProcess
 from mmdlm.infer.infer import Answerer, InferError, load_model
@@ -103,7 +104,9 @@ def test_when_the_model_process_dies_requests_fail_and_health_says_so(folder, an
         engine.submit(*requests[0], config)
     with TestClient(create_app(answerer, engine, "tiny", ImageRules())) as client:
         health = client.get("/health")
+        asked = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "Hello?"}]})
     assert health.status_code == 503 and "model process stopped" in health.json()["error"]["message"]
+    assert asked.status_code == 503 and "restart mmdlm-serve" in asked.json()["error"]["message"]
 
 
 def test_mmdlm_serve_parses_with_no_weights_and_decodes_in_its_engine(folder, answerer, requests):
@@ -126,3 +129,15 @@ def test_mmdlm_serve_parses_with_no_weights_and_decodes_in_its_engine(folder, an
     assert response.status_code == 200, response.text
     assert response.json()["choices"][0]["message"]["content"] == expected.text
     assert response.json()["mmdlm"]["forward_passes"] == expected.forward_passes
+
+
+def test_a_closed_engine_refuses_requests_as_unavailable(folder, answerer, requests):
+    """close() lets the child finish what it decodes; a request after it is a 503 in the server."""
+    engine = EngineProcess(folder).start()
+    config = request_config({"max_tokens": 16}, answerer, 16)
+    first = engine.submit(*requests[0], config)
+    engine.close()
+    assert first.exception(timeout=60) is None or isinstance(first.exception(), Unavailable)
+    with pytest.raises(Unavailable, match="shutting down"):
+        engine.submit(*requests[1], config)
+    assert not engine._process.is_alive()
