@@ -248,6 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32], help="--max-batch-size of each server")
     p.add_argument("--clients", type=int, default=32, help="concurrent clients (at most 256)")
     p.add_argument("--requests", type=int, default=128, help="requests per server and round (at most 4096)")
+    p.add_argument("--warmup", type=int, help="untimed requests each server answers first, from --clients clients "
+                   "(default: one round, --requests)")
     p.add_argument("--repeats", type=int, default=1, help="rounds, the servers taking turns (at most 20)")
     p.add_argument("--input", help="LLaVA JSON whose questions and images to send (default: 16 demo-world scenes)")
     p.add_argument("--caption-every", type=int, default=4, help="every N-th request asks for a caption (0: none)")
@@ -265,13 +267,21 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def cycled(items: list, n: int) -> list:
+    """The first `n` of `items` repeated."""
+    return (items * (1 + n // len(items)))[:n]
+
+
 def run(args: argparse.Namespace) -> int:
-    if not 1 <= args.clients <= 256 or not 1 <= args.requests <= 4096 or not 1 <= args.repeats <= 20:
-        raise InferError("--clients must be in [1, 256], --requests in [1, 4096] and --repeats in [1, 20]: "
-                         "the load test is bounded")
+    args.warmup = args.requests if args.warmup is None else args.warmup
+    if not 1 <= args.clients <= 256 or not 1 <= args.requests <= 4096 or not 1 <= args.repeats <= 20 \
+            or not 0 <= args.warmup <= 4096:
+        raise InferError("--clients must be in [1, 256], --requests in [1, 4096], --repeats in [1, 20] and --warmup "
+                         "in [0, 4096]: the load test is bounded")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a `timeout` or kill still stops the servers below
     bodies = request_bodies(args.input, args.requests, args.max_tokens, args.threshold, args.caption_every)
-    warmup = bodies[: 2 * args.clients]  # at the test's concurrency: the batch shapes it will run
+    # Untimed, at the test's concurrency: the batch shapes it will run (oneDNN builds a kernel per new shape).
+    warmup = cycled(bodies, args.warmup)
     if args.in_process:
         return in_process(args, bodies)
     names, urls, processes = [], [], []
@@ -285,7 +295,8 @@ def run(args: argparse.Namespace) -> int:
             names.append(f"max batch {batch_size}")
             urls.append(url)
         for url in urls:
-            asyncio.run(hammer(url, warmup, args.clients, args.timeout))
+            if warmup:
+                asyncio.run(hammer(url, warmup, args.clients, args.timeout))
         rounds = []
         for k in range(args.repeats):
             rounds.append([asyncio.run(hammer(url, bodies, args.clients, args.timeout)) for url in urls])
@@ -314,8 +325,8 @@ def in_process(args: argparse.Namespace, bodies: list[dict]) -> int:
     answerer = Answerer(*load_model(args.model, "cuda" if torch.cuda.is_available() else "cpu", args.dtype))
     requests = [parse_chat(body, answerer, ImageRules(), args.max_tokens) for body in bodies]
     names = [f"batcher, max batch {b}" for b in args.batch_sizes]
-    for batch_size in args.batch_sizes:  # warm-up
-        batcher_alone(answerer, requests[:4], batch_size, 4)
+    for batch_size in args.batch_sizes if args.warmup else []:
+        batcher_alone(answerer, cycled(requests, args.warmup), batch_size, args.clients)
     rounds = []
     for k in range(args.repeats):
         rounds.append([batcher_alone(answerer, requests, b, args.clients) for b in args.batch_sizes])

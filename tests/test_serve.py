@@ -294,10 +294,8 @@ def test_the_load_test_reports_medians_and_the_median_of_each_round_s_speedup():
     assert (batched["rps"], batched["requests"], batched["errors"]) == (8, 24, ["HTTP 500"])
 
 
-def test_the_in_process_load_test_measures_the_batcher_without_http(tmp_path, capsys):
-    """--in-process: the same requests through the server's Batcher, one table row per batch size, no errors."""
-    from mmdlm.infer.loadtest import main as loadtest
-
+def load_test_set(tmp_path) -> list[str]:
+    """A prefix-DLM model folder and a three-question LLaVA file: the load test's --model and --input."""
     folder = infer_tests.saved_model(tmp_path / "model", "bidirectional", True)
     images = tmp_path / "images"
     images.mkdir()
@@ -305,9 +303,45 @@ def test_the_in_process_load_test_measures_the_batcher_without_http(tmp_path, ca
     entries = [{"image": "images/a.png", "conversations": [{"from": "human", "value": f"<image>\n{q}"}]}
                for q in ("how many squares", "what colour?", "where is the circle?")]
     (tmp_path / "qa.json").write_text(json.dumps(entries))
-    assert loadtest(["--model", str(folder), "--input", str(tmp_path / "qa.json"), "--in-process", "--clients", "4",
-                     "--requests", "6", "--batch-sizes", "1", "4", "--max-tokens", "8", "--caption-every", "3"]) == 0
-    rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines() if line.startswith("| batcher")]
+    return ["--model", str(folder), "--input", str(tmp_path / "qa.json"), "--max-tokens", "8", "--caption-every", "3"]
+
+
+def table_rows(out: str, server: str) -> list[list[str]]:
+    return [line.split(" | ") for line in out.splitlines() if line.startswith(f"| {server}")]
+
+
+def test_the_in_process_load_test_measures_the_batcher_without_http(tmp_path, capsys):
+    """--in-process: the same requests through the server's Batcher, one table row per batch size, no errors."""
+    from mmdlm.infer.loadtest import main as loadtest
+
+    assert loadtest([*load_test_set(tmp_path), "--in-process", "--clients", "4", "--requests", "6",
+                     "--batch-sizes", "1", "4"]) == 0
+    rows = table_rows(capsys.readouterr().out, "batcher")
     assert [row[0] for row in rows] == ["| batcher, max batch 1", "| batcher, max batch 4"]
     assert [(row[2], row[3]) for row in rows] == [("6", "0"), ("6", "0")]  # requests, errors
     assert float(rows[0][7]) == 1.0 and 1.0 <= float(rows[1][7]) <= 4.0  # mean batch
+
+
+def test_the_load_test_starts_a_server_per_batch_size_and_measures_it_over_http(tmp_path, capsys):
+    """Two mmdlm-serve processes (each with its engine process) on loopback ports, two rounds; then they are gone."""
+    import psutil
+
+    from mmdlm.infer.loadtest import main as loadtest
+
+    before = {p.pid for p in psutil.process_iter()}
+    assert loadtest([*load_test_set(tmp_path), "--clients", "3", "--requests", "5", "--warmup", "2",
+                     "--repeats", "2", "--batch-sizes", "1", "3", "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    assert len([line for line in out.splitlines() if line.startswith("round ")]) == 2
+    rows = table_rows(out, "max batch")
+    assert [(row[0], row[2], row[3]) for row in rows] == [("| max batch 1", "10", "0"), ("| max batch 3", "10", "0")]
+    assert float(rows[0][7]) == 1.0 and rows[0][8] == "1.00x |"
+    assert not [p for p in psutil.process_iter(["cmdline"]) if p.pid not in before
+                and "mmdlm.infer.serve" in " ".join(p.info["cmdline"] or [])]
+
+
+def test_the_load_test_refuses_an_unbounded_run(tmp_path, capsys):
+    from mmdlm.infer.loadtest import main as loadtest
+
+    assert loadtest(["--url", "http://127.0.0.1:9", "--warmup", "5000"]) != 0
+    assert "--warmup in [0, 4096]" in capsys.readouterr().err
