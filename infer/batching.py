@@ -170,10 +170,13 @@ class Batcher:
                 self._running = RunningBatch(self.answerer.model.lm, jobs[0].config, self.answerer.special.mask)
             self._running.join(jobs, prefixes)
         except Exception as error:  # noqa: BLE001 - a bad request fails itself, never the server
-            for job in jobs:
-                job.future.set_exception(error)
             if self._running is not None and not self._running:
                 self._running = None
+            if len(jobs) > 1:  # which one? each joins, or fails, on its own
+                for job in jobs:
+                    self._join([job])
+            else:
+                jobs[0].future.set_exception(error)
 
     def _step(self) -> None:
         """One forward of the running batch: stream what it committed, hand back the rows it finished."""

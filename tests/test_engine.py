@@ -11,7 +11,7 @@ import pytest
 import test_infer as infer_tests
 from PIL import Image
 
-from mmdlm.infer.batching import Unavailable
+from mmdlm.infer.batching import Batcher, Unavailable
 from mmdlm.infer.chat_request import request_config
 from mmdlm.infer.engine import EngineProcess
 from mmdlm.infer.infer import Answerer, InferError, load_model
@@ -72,14 +72,20 @@ def test_the_engine_streams_growing_prefixes_of_the_answer(engine, answerer, req
     assert len(reports[-1]) == reply.answer.length and answerer.decode(reports[-1]) == reply.answer.text
 
 
-def test_a_request_that_fails_in_the_engine_fails_alone(engine, answerer, requests):
+@pytest.mark.parametrize("where", ["in-process", "engine"])
+def test_a_request_that_fails_fails_alone_not_the_requests_joining_with_it(engine, answerer, requests, where):
+    """A prompt whose image placeholder has no image, submitted between two good requests: they join the batch
+    in the same round (in process: certainly; through the engine's pipe: most likely)."""
     config = request_config({"max_tokens": 16}, answerer, 16)
-    (prompt, _), good = requests[0], requests[2]
-    bad = engine.submit(prompt, [], config)  # an image placeholder run without its image
+    batcher = Batcher(answerer, 8) if where == "in-process" else engine
+    futures = [batcher.submit(*requests[2], config), batcher.submit(requests[0][0], [], config),
+               batcher.submit(*requests[3], config)]
+    while where == "in-process" and batcher.busy:
+        batcher.tick()
     with pytest.raises(ValueError, match="0 images"):
-        bad.result(timeout=120)
-    assert engine.submit(*good, config).result(timeout=120).answer.text == \
-        answerer.answer_prompts([good[0]], [good[1]], config)[0].text
+        futures[1].result(timeout=120)
+    for future, (prompt, images) in zip(futures[::2], (requests[2], requests[3])):
+        assert future.result(timeout=120).answer.text == answerer.answer_prompts([prompt], [images], config)[0].text
 
 
 def test_a_model_folder_that_does_not_load_stops_the_start_with_its_reason(tmp_path):
