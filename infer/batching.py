@@ -216,10 +216,14 @@ class Batcher:
 
             answers = self.answerer.answer_prompts([j.prompt for j in batch], [j.images for j in batch],
                                                    batch[0].config, on_forward=on_forward)
-        except Exception as error:  # noqa: BLE001 - one bad batch fails its requests, never the server
-            for job in batch:
-                if not job.future.done():
-                    job.future.set_exception(error)
+        except Exception as error:  # noqa: BLE001 - a bad request fails itself, never the server
+            rest = [job for job in batch if not job.future.done()]
+            if len(batch) > 1:  # which one? the unfinished ones are decoded again, each on its own
+                for job in rest:
+                    job.forwards = 0
+                    self._decode([job])
+            elif rest:
+                rest[0].future.set_exception(error)
             return
         for job, answer in zip(batch, answers):  # rows the sampler did not report (the autoregressive twin)
             if not job.future.done():

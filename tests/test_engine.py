@@ -72,11 +72,12 @@ def test_the_engine_streams_growing_prefixes_of_the_answer(engine, answerer, req
     assert len(reports[-1]) == reply.answer.length and answerer.decode(reports[-1]) == reply.answer.text
 
 
-@pytest.mark.parametrize("where", ["in-process", "engine"])
-def test_a_request_that_fails_fails_alone_not_the_requests_joining_with_it(engine, answerer, requests, where):
-    """A prompt whose image placeholder has no image, submitted between two good requests: they join the batch
-    in the same round (in process: certainly; through the engine's pipe: most likely)."""
-    config = request_config({"max_tokens": 16}, answerer, 16)
+@pytest.mark.parametrize("where,cache", [("in-process", "prefix"), ("in-process", "block"), ("engine", "prefix")])
+def test_a_request_that_fails_fails_alone_not_the_requests_joining_with_it(engine, answerer, requests, where, cache):
+    """A prompt whose image placeholder has no image, submitted between two good requests: they start in the
+    same round (in process: certainly; through the engine's pipe: most likely), in a running batch (prefix
+    cache) or one `generate` batch (block cache)."""
+    config = request_config({"max_tokens": 16, "cache": cache, "block_length": 8}, answerer, 16)
     batcher = Batcher(answerer, 8) if where == "in-process" else engine
     futures = [batcher.submit(*requests[2], config), batcher.submit(requests[0][0], [], config),
                batcher.submit(*requests[3], config)]
