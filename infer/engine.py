@@ -113,14 +113,23 @@ class EngineProcess:
             self._process.join()
 
     def _feed(self) -> None:
-        try:
-            while True:
-                message = self._outbox.get()
-                self._conn.send(message)
-                if message[0] == "close":
-                    return
-        except (OSError, ValueError):  # the child is gone: the reader fails the requests
-            return
+        while True:
+            kind, key, payload = message = self._outbox.get()
+            try:
+                data = pickle.dumps(message)
+            except Exception as error:  # noqa: BLE001 - a request that cannot be sent fails alone
+                with self._lock:
+                    future, _ = self._jobs.pop(key, (None, None))
+                if future is not None:
+                    with contextlib.suppress(InvalidStateError):
+                        future.set_exception(TypeError(f"the request cannot go to the model process: {error}"))
+                continue
+            try:
+                self._conn.send_bytes(data)
+            except (OSError, ValueError):  # the child is gone: the reader fails the requests
+                return
+            if kind == "close":
+                return
 
     def _read(self) -> None:
         try:
@@ -131,7 +140,9 @@ class EngineProcess:
                 if entry is None:
                     continue  # cancelled meanwhile
                 future, on_progress = entry
-                with contextlib.suppress(InvalidStateError):  # cancelled here meanwhile: its client went away
+                # InvalidStateError: cancelled here meanwhile (its client went away); a failing progress
+                # callback (its event loop closed) must not stop the reader either.
+                with contextlib.suppress(Exception):
                     if kind == "progress":
                         on_progress(payload)
                     elif kind == "done":
@@ -149,6 +160,16 @@ class EngineProcess:
         for future, _ in pending:
             with contextlib.suppress(InvalidStateError):
                 future.set_exception(self._error)
+
+
+def portable(error: BaseException) -> BaseException:
+    """`error` if it survives the pipe (pickled and rebuilt), else a RuntimeError with its type and message:
+    a message the parent cannot unpickle would stop its reader."""
+    try:
+        pickle.loads(pickle.dumps(error))
+        return error
+    except Exception:  # noqa: BLE001 - e.g. an exception class whose __init__ takes other arguments
+        return RuntimeError(f"{type(error).__name__}: {error}")
 
 
 def run_engine(conn, model: str, max_batch_size: int, device: str, dtype: str | None, threads: int | None) -> None:
@@ -174,11 +195,7 @@ def run_engine(conn, model: str, max_batch_size: int, device: str, dtype: str | 
             return  # the parent cancelled it: it expects nothing
         error = future.exception()
         if error is not None:
-            try:
-                pickle.dumps(error)
-            except Exception:  # noqa: BLE001 - an error that cannot cross the pipe goes as its message
-                error = RuntimeError(f"{type(error).__name__}: {error}")
-            conn.send(("error", key, error, batcher.waiting))
+            conn.send(("error", key, portable(error), batcher.waiting))
         else:
             conn.send(("done", key, future.result(), batcher.waiting))
 

@@ -148,3 +148,25 @@ def test_a_closed_engine_refuses_requests_as_unavailable(folder, answerer, reque
     with pytest.raises(Unavailable, match="shutting down"):
         engine.submit(*requests[1], config)
     assert not engine._process.is_alive()
+
+
+def test_what_cannot_cross_the_pipe_fails_its_own_request_only(engine, answerer, requests):
+    config = request_config({"max_tokens": 16}, answerer, 16)
+    with pytest.raises(TypeError, match="cannot go to the model process"):
+        engine.submit(requests[0][0], [lambda: "not an image"], config).result(timeout=60)
+    assert engine.submit(*requests[1], config).result(timeout=120).answer.text == \
+        answerer.answer_prompts([requests[1][0]], [requests[1][1]], config)[0].text
+
+
+class TwoArgumentError(Exception):
+    def __init__(self, what, why):
+        super().__init__(f"{what}: {why}")
+
+
+def test_an_error_the_parent_could_not_unpickle_crosses_as_its_type_and_message():
+    from mmdlm.infer.engine import portable
+
+    plain = ValueError("0 images")
+    assert portable(plain) is plain
+    crossed = portable(TwoArgumentError("tower", "out of memory"))
+    assert type(crossed) is RuntimeError and str(crossed) == "TwoArgumentError: tower: out of memory"
