@@ -173,8 +173,16 @@ def portable(error: BaseException) -> BaseException:
 
 
 def run_engine(conn, model: str, max_batch_size: int, device: str, dtype: str | None, threads: int | None) -> None:
-    """The child: load the model, then decode what comes down `conn` in Batcher ticks until told to close."""
+    """The child: load the model, then decode what comes down `conn` in Batcher ticks until told to close.
+
+    It ignores SIGINT: Ctrl-C in a terminal reaches the whole process group, and the server's
+    shutdown closes the child after the rows it is decoding (or the child exits when the pipe closes).
+    """
+    import signal
+
     import torch
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
     from mmdlm.infer.batching import Batcher
     from mmdlm.infer.infer import Answerer, load_model

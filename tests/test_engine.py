@@ -139,9 +139,14 @@ def test_mmdlm_serve_parses_with_no_weights_and_decodes_in_its_engine(folder, an
 
 
 def test_a_closed_engine_refuses_requests_as_unavailable(folder, answerer, requests):
-    """close() lets the child finish what it decodes; a request after it is a 503 in the server."""
+    """close() lets the child finish what it decodes; a request after it is a 503 in the server. Ctrl-C (SIGINT
+    to the process group) leaves the child to the server's shutdown."""
     engine = EngineProcess(folder).start()
     config = request_config({"max_tokens": 16}, answerer, 16)
+    os.kill(engine._process.pid, signal.SIGINT)
+    first = engine.submit(*requests[0], config)
+    assert first.result(timeout=60).answer.text == answerer.answer_prompts([requests[0][0]], [requests[0][1]],
+                                                                           config)[0].text
     first = engine.submit(*requests[0], config)
     engine.close()
     assert first.exception(timeout=60) is None or isinstance(first.exception(), Unavailable)
