@@ -4,8 +4,9 @@ Every torch op gives up Python's GIL and must take it back (infer/batching.py me
 costs a second thread). In one process, uvicorn reading requests, JSON and PIL decoding hold the
 GIL the decoding thread waits for at each op. So mmdlm-serve runs its Batcher in a child process
 with one thread: between forwards it reads the requests that came down a pipe, and it sends back
-each answer's progress and its Reply (or the error). On the 2-core CPU this took the demo's load
-test from 384 to ~500 requests/s batched, and from 126 to ~150 one at a time.
+each answer's progress and its Reply (or the error). On the 2-core CPU (bf16 demo model, 32
+clients, same day) this took the load test from 304 to 385-438 VQA requests/s at batch 32, and
+from 109 to 125-135 one at a time.
 
 EngineProcess is the server's end: the Batcher's interface (submit -> Future of a Reply, waiting,
 close), a thread that feeds the pipe (a blocking write never stalls the event loop) and one that
@@ -85,7 +86,7 @@ class EngineProcess:
         future = Future()
         with self._lock:
             if self._error is not None:
-                raise self._error
+                raise Unavailable(str(self._error))  # a fresh one: a shared instance would collect tracebacks
             if self._closing:
                 raise Unavailable("the server is shutting down")
             key = next(self._keys)
