@@ -5,7 +5,8 @@
 
 With --model it starts one server per --batch-sizes entry (mmdlm-serve --max-batch-size B, on a
 free 127.0.0.1 port), sends each the same bounded list of requests from --clients concurrent
-clients, and prints one table row per server with the speedup over the first row. With
+clients, and prints one table row per server with the speedup over the first row. Each server
+first answers --warmup untimed requests (default: one round) from as many clients. With
 --repeats N the servers take turns N times (A B A B ...: on a shared machine a change in the
 neighbours' load hits both alike), and the table gives the medians and the median of each
 round's speedup; every round is printed too.
