@@ -71,9 +71,11 @@ def completion(reply: Reply, request_id: str, model: str, created: int) -> dict:
     }
 
 
-def create_app(answerer: Answerer, batcher: Batcher, model_name: str, rules: ImageRules, max_tokens: int = 64,
-               max_request_bytes: int = 16 << 20):
-    """Return the FastAPI app; it starts `batcher` when it starts and closes it when it stops."""
+def create_app(answerer: Answerer, batcher: Batcher | EngineProcess, model_name: str, rules: ImageRules,
+               max_tokens: int = 64, max_request_bytes: int = 16 << 20):
+    """Return the FastAPI app; it starts `batcher` when it starts and closes it when it stops.
+
+    `answerer` parses requests (a weightless one will do when `batcher` is an EngineProcess)."""
 
     @asynccontextmanager
     async def lifespan(app):
