@@ -102,6 +102,11 @@ class Batcher:
         return len(self._waiting)
 
     @property
+    def error(self) -> str | None:
+        """Why the model cannot answer (an EngineProcess whose child stopped); None in process, where it always can."""
+        return None
+
+    @property
     def busy(self) -> bool:
         """Whether a tick has work: rows being decoded or requests waiting."""
         return self._running is not None or bool(self._waiting)

@@ -104,7 +104,7 @@ def create_app(answerer: Answerer, batcher: Batcher | EngineProcess, model_name:
 
     @app.get("/health")
     async def health():
-        if getattr(batcher, "error", None):  # the model process is gone (EngineProcess)
+        if batcher.error:  # the model process is gone (EngineProcess)
             return JSONResponse(error_body(batcher.error, 503), status_code=503)
         return {"status": "ok", "model": model_name, "waiting": batcher.waiting,
                 "max_batch_size": batcher.max_batch_size}

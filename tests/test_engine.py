@@ -47,6 +47,12 @@ def requests(answerer):
     return out
 
 
+def answered_alone(answerer, request, config):
+    """The sampler's Answer to one (prompt, images) request decoded by itself, in this process."""
+    prompt, images = request
+    return answerer.answer_prompts([prompt], [images], config)[0]
+
+
 @pytest.mark.parametrize("options", [{"max_tokens": 16, "threshold": 0.5}, {"max_tokens": 16, "cache": "block",
                                                                              "block_length": 8}])
 def test_the_engine_answers_each_request_as_the_sampler_does_alone(engine, answerer, requests, options):
@@ -55,7 +61,7 @@ def test_the_engine_answers_each_request_as_the_sampler_does_alone(engine, answe
     futures = [engine.submit(prompt, images, config) for prompt, images in requests]
     wait(futures, timeout=120)
     for future, (prompt, images) in zip(futures, requests):
-        alone = answerer.answer_prompts([prompt], [images], config)[0]
+        alone = answered_alone(answerer, (prompt, images), config)
         reply = future.result()
         assert (reply.answer.text, reply.answer.length, reply.answer.forward_passes, reply.answer.commit_step) == \
             (alone.text, alone.length, alone.forward_passes, alone.commit_step)
@@ -86,7 +92,7 @@ def test_a_request_that_fails_fails_alone_not_the_requests_joining_with_it(engin
     with pytest.raises(ValueError, match="0 images"):
         futures[1].result(timeout=120)
     for future, (prompt, images) in zip(futures[::2], (requests[2], requests[3])):
-        assert future.result(timeout=120).answer.text == answerer.answer_prompts([prompt], [images], config)[0].text
+        assert future.result(timeout=120).answer.text == answered_alone(answerer, (prompt, images), config).text
 
 
 def test_a_model_folder_that_does_not_load_stops_the_start_with_its_reason(tmp_path):
@@ -145,8 +151,7 @@ def test_a_closed_engine_refuses_requests_as_unavailable(folder, answerer, reque
     config = request_config({"max_tokens": 16}, answerer, 16)
     os.kill(engine._process.pid, signal.SIGINT)
     first = engine.submit(*requests[0], config)
-    assert first.result(timeout=60).answer.text == answerer.answer_prompts([requests[0][0]], [requests[0][1]],
-                                                                           config)[0].text
+    assert first.result(timeout=60).answer.text == answered_alone(answerer, requests[0], config).text
     first = engine.submit(*requests[0], config)
     engine.close()
     assert first.exception(timeout=60) is None or isinstance(first.exception(), Unavailable)
@@ -160,7 +165,7 @@ def test_what_cannot_cross_the_pipe_fails_its_own_request_only(engine, answerer,
     with pytest.raises(TypeError, match="cannot go to the model process"):
         engine.submit(requests[0][0], [lambda: "not an image"], config).result(timeout=60)
     assert engine.submit(*requests[1], config).result(timeout=120).answer.text == \
-        answerer.answer_prompts([requests[1][0]], [requests[1][1]], config)[0].text
+        answered_alone(answerer, requests[1], config).text
 
 
 class TwoArgumentError(Exception):
