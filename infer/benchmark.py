@@ -3,7 +3,7 @@
     python infer/benchmark.py --model DIR --data WORLD [--limit 50] [--plot frontier.png]
     python infer/benchmark.py --prefix-tokens 256       # prefix-cache speedup on a random-init LM
     python infer/benchmark.py --llada-v --model DIR --input qa.json   # a converted LLaDA-V (infer/llada_v_bench.py)
-    python infer/benchmark.py --speed --shape 8b --dtype bfloat16   # ms/forward, answers/s, AR, int8 (infer/speed.py)
+    python infer/benchmark.py --speed --shape 8b --dtype bfloat16   # ms/forward, VQA vs AR, answers/s, int8 (speed.py)
 
 With a model: for VQA (WORLD/test/qa.json) and captions (WORLD/test/captions.json) it prints, per
 setting, the score (VQA accuracy / CIDEr), forward passes and tokens per forward per sample, the
@@ -268,6 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gen-length", type=int, default=16, help="--llada-v, --speed: answer canvas (one block)")
     p.add_argument("--speed", action="store_true", help="ms/forward, answers/s, AR baseline, low-bit weights")
     p.add_argument("--max-batch", type=int, default=64, help="--speed: the largest of batches 1, 8, 64 to run")
+    p.add_argument("--tables", default="forward,vqa,batch,quant", help="--speed: which tables, in this order")
     args = p.parse_args(argv)
     if args.speed:
         from mmdlm.infer.speed import run as speed

@@ -1,20 +1,25 @@
 """The sampler's speed at a model shape, random weights (`benchmark.py --speed`): issue #19's tables.
 
-    python infer/benchmark.py --speed --shape 8b        # on a GPU: LLaDA-8B's shape in bf16
-    python infer/benchmark.py --speed --shape small     # the same tables at a toy width (a CPU smoke run)
+    python infer/benchmark.py --speed --shape 8b --dtype bfloat16   # on a GPU: LLaDA-8B's shape
+    python infer/benchmark.py --speed --shape small                 # the same tables at a toy width (CPU smoke run)
+    python infer/benchmark.py --speed --shape 8b --dtype bfloat16 --tables forward,vqa   # some of them
 
-Every answer follows 729 image + 32 prompt embeddings (LLaDA-V's SigLIP grid and a question) and
-runs a fixed schedule, one token per forward (`--gen-length` forwards), so that milliseconds per
-forward is time per answer over forwards. Four tables:
-1. ms per forward at batch 1, uncached (every position) and with the prefix cache (the canvas only),
-   eager against static (`SamplerConfig.static`: CUDA graphs on a GPU), beside the weight-read floor:
-   the LM's weight bytes (the embedding table excepted: a forward reads only its rows) over the
-   device's copy bandwidth, measured here;
-2. answers/s at batch 1, 8 and 64 (static, prefix cache);
-3. the autoregressive baseline: a Llama of the same shape from transformers, static KV cache
-   (which transformers compiles on a GPU), the same prompt and answer length;
-4. low-bit weights (`--quantize`): weight memory and ms per forward, int8 everywhere, fp8 on GPUs of
-   compute capability 8.9+.
+Every answer follows 729 image + 32 prompt embeddings (LLaDA-V's SigLIP grid and a question). The
+tables (`--tables`, in the order given; each prints as soon as it is measured, with its seconds):
+- forward: ms per forward at batch 1 of a fixed schedule, one token per forward (`--gen-length`
+  forwards): uncached (every position) and with the prefix cache (the canvas only), eager and static
+  (`SamplerConfig.static`: CUDA graphs on a GPU), beside the weight-read floor: the LM's weight
+  bytes (the embedding table excepted: a forward reads only its rows) over the device's copy
+  bandwidth, measured here;
+- vqa: one VQA request end to end: a 384 px image through a SigLIP-so400m-shaped tower and the
+  projector, the prefix, then the answer (threshold 0.9, early stop, prefix cache, static); against
+  the same tower followed by a Llama of the same shape from transformers (static KV cache, which
+  transformers compiles on a GPU) writing the same number of tokens;
+- batch: answers/s at batch 1, 8 and 64 (static, prefix cache);
+- quant: low-bit weights (`--quantize`): weight memory and ms per forward, int8 everywhere, fp8 on
+  GPUs of compute capability 8.9+.
+Random weights are never confident: every forward commits one token (a trained model commits several
+under the threshold rule: the demo model answers in ~2 forwards), so the VQA row is its slowest case.
 """
 
 from __future__ import annotations
@@ -25,8 +30,9 @@ import time
 from dataclasses import replace
 
 import torch
+from PIL import Image
 
-from mmdlm.infer.quantize import quantize_lm, weight_bytes
+from mmdlm.infer.quantize import QuantizeError, quantize_lm, weight_bytes
 from mmdlm.model import DiffusionLM, DLMConfig
 from mmdlm.sampling import SamplerConfig, generate
 
@@ -34,15 +40,22 @@ SHAPES = {  # LLaDA-8B's sizes, and a width a CPU runs in seconds; both with LLa
     "small": dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4),
     "8b": dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=32, num_attention_heads=32),
 }
-VOCAB, MASK_ID, IMAGE_TOKENS, PROMPT_TOKENS = 126464, 126336, 729, 32
+TOWERS = {  # SigLIP-so400m at 384 px (27 x 27 = 729 patches), as LLaDA-V has it, and a toy of it
+    "small": dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2),
+    "8b": dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16),
+}
+VOCAB, MASK_ID, EOS_ID, IMAGE_TOKENS, PROMPT_TOKENS = 126464, 126336, 126081, 729, 32
 BATCHES = (1, 8, 64)
+TABLES = ("forward", "vqa", "batch", "quant")
 
 
 def random_lm(shape: str, dtype: torch.dtype, device: str) -> DiffusionLM:
+    """Return a random-init LM at `shape`, initialised on `device` (8 B parameters: seconds on a GPU)."""
     torch.manual_seed(0)
     config = DLMConfig(vocab_size=VOCAB, mask_token_id=MASK_ID, rope_theta=500000.0, max_position_embeddings=4096,
                        **SHAPES[shape])
-    return DiffusionLM(config).eval().to(device, dtype)
+    with torch.device(device):
+        return DiffusionLM(config).eval().to(dtype)
 
 
 def prefix(lm: DiffusionLM, batch: int) -> torch.Tensor:
@@ -88,11 +101,11 @@ def forward_table(lm, base: SamplerConfig, device: str, repeats: int) -> str:
     embeds = prefix(lm, 1)
     lines = [f"weight-read floor: {floor_bytes / 2**30:.2f} GiB of weights per forward = {floor_ms:.2f} ms",
              "| batch 1 | forwards/answer | ms/forward | x floor |", "|---|---|---|---|"]
-    for cache in ("none", "prefix"):
-        for static in (False, True):
-            ms, forwards = per_forward_ms(lm, embeds, replace(base.with_cache(cache), static=static), repeats)
-            name = f"{'prefix cache' if cache == 'prefix' else 'no cache'}, {'static' if static else 'eager'}"
-            lines.append(f"| {name} | {forwards} | {ms:.2f} | {ms / floor_ms:.1f}x |")
+    # Uncached, a forward runs all 777 positions: arithmetic, not launches, bounds it (no graph for it).
+    for name, config in (("no cache, eager", base), ("prefix cache, eager", base.with_cache("prefix")),
+                         ("prefix cache, static", replace(base.with_cache("prefix"), static=True))):
+        ms, forwards = per_forward_ms(lm, embeds, config, repeats)
+        lines.append(f"| {name} | {forwards} | {ms:.2f} | {ms / floor_ms:.1f}x |")
     return "\n".join(lines)
 
 
@@ -106,14 +119,66 @@ def batch_table(lm, base: SamplerConfig, batches: tuple[int, ...], repeats: int)
     return "\n".join(lines)
 
 
-def ar_baseline(shape: str, dtype: torch.dtype, device: str, gen_length: int, repeats: int) -> str:
-    """Return a table row of a transformers Llama of the same shape: greedy, static KV cache, `gen_length` tokens."""
+def vqa_model(lm: DiffusionLM, shape: str):
+    """Return an MMDLM around `lm`: a SigLIP-so400m-shaped tower (random weights) and its projector."""
+    from mmdlm.multimodal import MMDLM, MMDLMConfig
+
+    siglip = dict(TOWERS[shape], image_size=384, patch_size=14, hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6)
+    config = MMDLMConfig(vision=dict(backend="transformers", model="siglip", overrides=siglip, feature_layer=-2),
+                         image_token_id=MASK_ID - 1, prefix_dlm=True)
+    p = next(lm.parameters())
+    torch.manual_seed(0)
+    with torch.device(p.device):
+        return MMDLM(config, lm=lm).eval().to(p.dtype)
+
+
+def vqa_table(lm: DiffusionLM, shape: str, gen_length: int, repeats: int) -> str:
+    """Return one VQA request end to end (image to answer), mmdlm against the tower + an autoregressive LM."""
+    model = vqa_model(lm, shape)
+    p = next(lm.parameters())
+    transform = model.image_transform()
+    image = Image.fromarray((torch.rand(480, 640, 3, generator=torch.Generator().manual_seed(0)) * 255)
+                            .to(torch.uint8).numpy())
+    ids = torch.randint(0, MASK_ID - 1, (1, model.num_image_tokens + PROMPT_TOKENS), device=p.device)
+    ids[:, : model.num_image_tokens] = model.config.image_token_id
+    config = replace(SamplerConfig(gen_length=gen_length, block_length=gen_length, threshold=0.9, early_stop=True,
+                                   eos_id=EOS_ID).with_cache("prefix"), static=True)
+
+    def pixels():
+        return transform(image)[None].to(p.device, p.dtype)  # [1, 3, 384, 384]
+
+    def answer():
+        with torch.no_grad():
+            return generate(lm, prefix_embeds=model.embed(ids, pixels()), mask_id=MASK_ID, config=config)
+
+    forwards = answer().forward_passes
+    total, tower = seconds(answer, repeats), seconds(lambda: model.encode_images(pixels()), repeats)
+    ar = ar_seconds(shape, p.dtype, p.device.type, ids.shape[1], gen_length, repeats)
+    if p.device.type == "cuda":
+        torch.cuda.empty_cache()
+    compiled = " (compiled)" if p.device.type == "cuda" else ""
+    return "\n".join([
+        f"| one VQA request, batch 1, {ids.shape[1]} prefix tokens | forwards | ms |", "|---|---|---|",
+        f"| mmdlm: image -> tower -> prefix -> {gen_length}-token answer (threshold 0.9, early stop, prefix cache, "
+        f"static) | {forwards} | {1000 * total:.1f} |",
+        f"| of which the image: processing, tower, projector | | {1000 * tower:.1f} |",
+        f"| autoregressive: the same image work, then transformers Llama, static cache{compiled} | "
+        f"{gen_length} | {1000 * (tower + ar):.1f} |",
+        f"| of which the Llama alone ({1000 * ar / gen_length:.2f} ms per token, prompt included) | | "
+        f"{1000 * ar:.1f} |",
+    ])
+
+
+def ar_seconds(shape: str, dtype: torch.dtype, device: str, prompt_tokens: int, gen_length: int,
+               repeats: int) -> float:
+    """Return seconds for a transformers Llama of the same shape to write `gen_length` tokens (greedy, static cache)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=VOCAB, max_position_embeddings=4096, rope_theta=500000.0, **SHAPES[shape])
-    model = LlamaForCausalLM(config).eval().to(device, dtype)
-    ids = torch.randint(0, MASK_ID, (1, IMAGE_TOKENS + PROMPT_TOKENS), device=device)
+    with torch.device(device):
+        model = LlamaForCausalLM(config).eval().to(dtype)
+        ids = torch.randint(0, MASK_ID, (1, prompt_tokens))
 
     def answer():
         with torch.no_grad():
@@ -121,9 +186,7 @@ def ar_baseline(shape: str, dtype: torch.dtype, device: str, gen_length: int, re
                                   min_new_tokens=gen_length, do_sample=False, cache_implementation="static",
                                   pad_token_id=0)
 
-    s = seconds(answer, repeats)
-    return (f"| transformers Llama, static cache{' (compiled)' if device == 'cuda' else ''} | {gen_length} | "
-            f"{1000 * s / gen_length:.2f} | {1000 * s:.1f} |")
+    return seconds(answer, repeats)
 
 
 def quant_table(lm, base: SamplerConfig, device: str, repeats: int) -> str:
@@ -134,27 +197,45 @@ def quant_table(lm, base: SamplerConfig, device: str, repeats: int) -> str:
         kinds.append("fp8")
     lines = ["| weights (static, prefix cache) | LM weight memory | ms/forward |", "|---|---|---|"]
     for kind in kinds:
-        model = lm if kind == "none" else quantize_lm(copy.deepcopy(lm), kind)
+        try:
+            model = lm if kind == "none" else quantize_lm(copy.deepcopy(lm), kind)
+        except QuantizeError as error:  # torchao missing: the other tables still count
+            lines.append(f"| {kind} | skipped: {error} | |")
+            continue
         ms, _ = per_forward_ms(model, embeds, config, repeats)
         lines.append(f"| {kind if kind != 'none' else str(next(lm.parameters()).dtype)} | "
                      f"{weight_bytes(model) / 2**20:.1f} MiB | {ms:.2f} |")
         del model
+        if device == "cuda":
+            torch.cuda.empty_cache()
     return "\n".join(lines)
 
 
 def run(args: argparse.Namespace) -> int:
+    names = args.tables.split(",")
+    if unknown := [name for name in names if name not in TABLES]:
+        raise SystemExit(f"--tables: no table {', '.join(unknown)}; choose from {','.join(TABLES)}")
     if args.threads:
         torch.set_num_threads(args.threads)
+    # One compiled step per sampler setting, model and shape bucket: more than torch's default of 8 in one run.
+    torch._dynamo.config.recompile_limit = 64
     dtype = getattr(torch, args.dtype)
+    began = time.perf_counter()
     lm = random_lm(args.shape, dtype, args.device)
     base = SamplerConfig(gen_length=args.gen_length, block_length=args.gen_length, steps=args.gen_length,
                          prefix_dlm=True)
     where = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"random-init LM, shape {args.shape} ({lm.num_parameters() / 1e9:.2f} B parameters), {args.dtype}, "
-          f"{where}; {IMAGE_TOKENS} + {PROMPT_TOKENS} prefix tokens, {args.gen_length}-token answers, one per forward")
-    print(forward_table(lm, base, args.device, args.repeats), flush=True)
-    print(batch_table(lm, base, tuple(b for b in BATCHES if b <= args.max_batch), args.repeats), flush=True)
-    print("| autoregressive baseline | forwards/answer | ms/forward | ms/answer |\n|---|---|---|---|")
-    print(ar_baseline(args.shape, dtype, args.device, args.gen_length, args.repeats), flush=True)
-    print(quant_table(lm, base, args.device, args.repeats))
+          f"{where}, torch {torch.__version__}; {IMAGE_TOKENS} + {PROMPT_TOKENS} prefix tokens, "
+          f"{args.gen_length}-token answers, one per forward (built in {time.perf_counter() - began:.0f} s)",
+          flush=True)
+    tables = {
+        "forward": lambda: forward_table(lm, base, args.device, args.repeats),
+        "vqa": lambda: vqa_table(lm, args.shape, args.gen_length, args.repeats),
+        "batch": lambda: batch_table(lm, base, tuple(b for b in BATCHES if b <= args.max_batch), args.repeats),
+        "quant": lambda: quant_table(lm, base, args.device, args.repeats),
+    }
+    for name in names:
+        began = time.perf_counter()
+        print(f"\n{tables[name]()}\n({name}: {time.perf_counter() - began:.0f} s, compilation included)", flush=True)
     return 0

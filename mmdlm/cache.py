@@ -12,6 +12,8 @@ One object serves both caches of the design:
 later window into it in place instead of concatenating a new tensor: fixed addresses for CUDA
 graphs, no allocation per step. It returns the same keys and values, because the sampler's every
 forward writes its window before reading it, and no one reads a window that a forward did not store.
+With `buffers` (a dict the caller keeps) those per-layer buffers outlive the cache: the next request
+of the same shape writes into the same memory, so a recorded CUDA graph replays on it (`reuse`).
 """
 
 from __future__ import annotations
@@ -19,13 +21,22 @@ from __future__ import annotations
 import torch
 
 
+def reuse(buffers: dict[str, torch.Tensor], name: str, value: torch.Tensor) -> torch.Tensor:
+    """Return `value` copied into `buffers[name]` (contiguous), allocated anew only when its shape or dtype changed."""
+    held = buffers.get(name)
+    if held is None or held.shape != value.shape or held.dtype != value.dtype or held.device != value.device:
+        held = buffers[name] = torch.empty(value.shape, dtype=value.dtype, device=value.device)
+    return held.copy_(value)
+
+
 class KVCache:
     """Per-layer keys and values [B, H_kv, T, d] for absolute positions 0..T-1."""
 
-    def __init__(self, static: bool = False) -> None:
+    def __init__(self, static: bool = False, buffers: dict[str, torch.Tensor] | None = None) -> None:
         self.keys: list[torch.Tensor | None] = []
         self.values: list[torch.Tensor | None] = []
         self.static = static
+        self.buffers = buffers  # static only: where the per-layer buffers stay between requests
 
     @property
     def length(self) -> int:
@@ -59,14 +70,18 @@ class KVCache:
         elif start != 0:
             raise ValueError(f"empty cache cannot serve queries starting at position {start}")
         if store and self.static:  # the buffer: contiguous, as the concatenations of the dynamic cache are
-            self.keys[layer], self.values[layer] = k.contiguous(), v.contiguous()
+            if self.buffers is None:
+                k, v = k.contiguous(), v.contiguous()
+            else:
+                k, v = reuse(self.buffers, f"k{layer}", k), reuse(self.buffers, f"v{layer}", v)
+            self.keys[layer], self.values[layer] = k, v
         elif store:
             self.keys[layer], self.values[layer] = k, v
         return k, v
 
     def select(self, rows: torch.Tensor) -> KVCache:
         """Return a cache holding only the given batch rows (for rows that finished early)."""
-        out = KVCache(self.static)
+        out = KVCache(self.static)  # fewer rows: other shapes, no longer the kept buffers
         out.keys = [k[rows] for k in self.keys]
         out.values = [v[rows] for v in self.values]
         return out

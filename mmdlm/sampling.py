@@ -28,11 +28,15 @@ commit rule, counters) runs on the device without reading anything back, a finis
 the batch frozen instead of leaving it, the KV cache is written in place, and the host checks
 whether a block is filled or every row finished only every `check_every` steps. A step taken after
 everything was done commits nothing and counts nowhere, so both paths return the same output.
+On a GPU the tensors a step writes (canvas, counters, KV cache) live in buffers kept per model and
+shape (`_graph_buffers`), so a CUDA graph recorded for one request replays for the next one.
 """
 
 from __future__ import annotations
 
 import functools
+import weakref
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Literal, get_args
@@ -40,7 +44,7 @@ from typing import Literal, get_args
 import torch
 import torch.nn.functional as F
 
-from mmdlm.cache import KVCache
+from mmdlm.cache import KVCache, reuse
 from mmdlm.config import check_choices
 from mmdlm.decoding import (
     Prompt,
@@ -57,6 +61,8 @@ Confidence = Literal["probability", "margin", "entropy"]
 Cache = Literal["none", "prefix", "block"]
 CONFIDENCES, CACHES = get_args(Confidence), get_args(Cache)
 GRAPH_DEVICES = ("cuda",)  # where the static path compiles its step (torch.compile, CUDA graphs)
+GRAPH_SHAPES = 4  # per model, the (batch, length) shapes whose step buffers stay allocated between requests
+_GRAPH_BUFFERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> OrderedDict[shape, buffers]
 
 __all__ = ["SampleOutput", "SamplerConfig", "add_gumbel_noise", "confidence_of", "generate", "parallel_count",
            "tokens_per_step"]
@@ -266,12 +272,17 @@ def generate(
     if prompt_holes and config.cache != "none":
         raise ValueError("the prompt holds mask tokens, which a cached prefix cannot refill: pass them as `canvas`")
     device = prompt.device
-    cache = None if config.cache == "none" else KVCache(static=config.static)
+    graphs = config.static and device.type in GRAPH_DEVICES  # on a CPU the same static code runs eagerly
+    buffers = _graph_buffers(model, (rows.tokens.shape, config.cfg_scale > 0)) if graphs else None
+    cache = None if config.cache == "none" else KVCache(static=config.static, buffers=buffers)
     run = _Run(model, config, mask_id, P, prompt.stop_ids, cache, rows.tokens[:, P:].clone(),
                rows.commit_step[:, P:].clone(), torch.zeros(prompt.batch_size, dtype=torch.long, device=device),
                torch.zeros((), dtype=torch.long, device=device))
-    graphs = config.static and device.type in GRAPH_DEVICES  # on a CPU the same static code runs eagerly
     if graphs:
+        rows.tokens, rows.commit_step, rows.active, run.row_forwards, run.forward_passes = (
+            reuse(buffers, name, tensor) for name, tensor in (
+                ("tokens", rows.tokens), ("commit_step", rows.commit_step), ("active", rows.active),
+                ("row_forwards", run.row_forwards), ("forward_passes", run.forward_passes)))
         _pin(run, rows)
     steps_per_block = config.steps // (G // config.block_length)
     for start in range(P, P + G, config.block_length):
@@ -295,7 +306,7 @@ def generate(
         # Here the block [start, end) is committed: every row still generating has filled it.
     if len(rows.index):
         _retire(run, rows, torch.ones(len(rows.index), dtype=torch.bool, device=device))
-    return SampleOutput(run.tokens, int(run.forward_passes), run.commit_step, run.row_forwards,
+    return SampleOutput(run.tokens, int(run.forward_passes), run.commit_step, run.row_forwards.clone(),
                         answer_lengths(run.tokens, run.stop_ids))
 
 
@@ -345,6 +356,21 @@ def _pin(run: _Run, rows: _Rows) -> None:
     cache = [] if run.cache is None else [*run.cache.keys, *run.cache.values]
     for tensor in (rows.tokens, rows.commit_step, rows.active, run.row_forwards, run.forward_passes, *cache):
         torch._dynamo.mark_static_address(tensor)
+
+
+def _graph_buffers(model, shape) -> dict[str, torch.Tensor]:
+    """Return the buffers `model`'s graph path writes at one shape; the same dict, request after request.
+
+    A CUDA graph replays on the addresses it was recorded with, and torch records it again when a
+    static input moved: with a fresh canvas and KV cache per request, every request would pay a
+    recording (about an eager step) and leave one more graph behind. The GRAPH_SHAPES most recently
+    used shapes keep their buffers; like the model itself, they serve one `generate` call at a time.
+    """
+    shapes = _GRAPH_BUFFERS.setdefault(model, OrderedDict())
+    shapes[shape] = shapes.pop(shape, None) or {}
+    while len(shapes) > GRAPH_SHAPES:
+        shapes.popitem(last=False)
+    return shapes[shape]
 
 
 @functools.cache

@@ -200,6 +200,65 @@ def test_the_graph_path_traces_each_step_as_one_graph(monkeypatch):
         torch._dynamo.reset()
 
 
+def test_inductor_compiles_the_step_whole(monkeypatch):
+    """What a GPU runs, bar the CUDA graphs: inductor lowers the whole step (fullgraph) and gives the eager tokens."""
+    model = EosBias(tiny(), bias=0.6)
+    ids, mask = ragged_batch()
+    config = SamplerConfig(gen_length=16, block_length=8, threshold=0.3, static=True, **STOP).with_cache("prefix")
+    expected = generate(model, ids, mask_id=MASK, config=config, attention_mask=mask)
+    torch._dynamo.reset()
+    monkeypatch.setattr(sampling, "GRAPH_DEVICES", ("cuda", "cpu"))
+    compiled = sampling._step_graph("inductor", None)
+    monkeypatch.setattr(sampling, "_step_graph", lambda: compiled)
+    try:
+        for _ in range(2):  # compiled, then run again from the compiled code
+            same_output(expected, generate(model, ids, mask_id=MASK, config=config, attention_mask=mask))
+    finally:
+        torch._dynamo.reset()
+
+
+def test_the_graph_path_keeps_its_buffers_from_request_to_request(monkeypatch):
+    """A CUDA graph replays on the addresses it was recorded with: the next request of a shape writes the same memory.
+
+    Without that, torch records every request's step graph again. Outputs returned earlier stay as they were.
+    """
+    model = EosBias(tiny(), bias=0.6)
+    ids, mask = ragged_batch()
+    config = SamplerConfig(gen_length=16, block_length=8, threshold=0.3, static=True, **STOP).with_cache("block")
+    other_ids = torch.randint(0, 36, ids.shape, generator=torch.Generator().manual_seed(5)) * mask
+    expected = [generate(model, i, mask_id=MASK, config=config, attention_mask=mask) for i in (ids, other_ids)]
+    monkeypatch.setattr(sampling, "GRAPH_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(sampling, "_step_graph", lambda: sampling._step)  # the graph path's code, run eagerly
+
+    def request(prompt):
+        canvases = set()
+        out = generate(model, prompt, mask_id=MASK, config=config, attention_mask=mask,
+                       on_forward=lambda rows, canvas, steps: canvases.add(canvas.data_ptr()))
+        (buffers,) = sampling._GRAPH_BUFFERS[model].values()
+        return out, canvases, {name: t.data_ptr() for name, t in buffers.items()}
+
+    first, canvases, addresses = request(ids)
+    kept = first.tokens.clone(), first.row_forwards.clone()
+    second, canvases_2, addresses_2 = request(other_ids)
+    assert len(canvases) == 1 and canvases == canvases_2
+    assert {"k0", "v1", "tokens", "active", "forward_passes"} <= addresses.keys() and addresses == addresses_2
+    assert torch.equal(first.tokens, kept[0]) and torch.equal(first.row_forwards, kept[1])
+    same_output(expected[0], first)
+    same_output(expected[1], second)
+    assert not torch.equal(first.tokens, second.tokens)
+
+
+def test_the_graph_path_keeps_buffers_for_its_most_recent_shapes(monkeypatch):
+    model = tiny()
+    monkeypatch.setattr(sampling, "GRAPH_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(sampling, "_step_graph", lambda: sampling._step)
+    config = SamplerConfig(gen_length=8, block_length=8, steps=8, static=True).with_cache("prefix")
+    for batch in range(1, sampling.GRAPH_SHAPES + 3):
+        generate(model, torch.ones(batch, 3, dtype=torch.long), mask_id=MASK, config=config)
+    kept = [shape[0][0] for shape in sampling._GRAPH_BUFFERS[model]]
+    assert kept == list(range(3, sampling.GRAPH_SHAPES + 3))
+
+
 def test_check_every_must_be_positive():
     with pytest.raises(ValueError, match="check_every=0 must be at least 1"):
         SamplerConfig(static=True, check_every=0).validate()

@@ -11,6 +11,7 @@ def toy_shape(monkeypatch):
                                                     num_attention_heads=2))
     monkeypatch.setattr(speed, "VOCAB", 64)
     monkeypatch.setattr(speed, "MASK_ID", 63)
+    monkeypatch.setattr(speed, "EOS_ID", 61)
     monkeypatch.setattr(speed, "IMAGE_TOKENS", 8)
     monkeypatch.setattr(speed, "PROMPT_TOKENS", 4)
 
@@ -27,7 +28,24 @@ def test_speed_tables_at_a_toy_shape(toy_shape, capsys):
         torch.set_num_threads(threads)
     out = capsys.readouterr().out
     assert "weight-read floor:" in out and "8 + 4 prefix tokens, 4-token answers" in out
-    for row in ("| no cache, eager | 4 |", "| prefix cache, static | 4 |", "| 1 |", "| 8 |",
-                "| transformers Llama, static cache | 4 |", "| int8 |"):
-        assert row in out, row
-    assert "| 64 |" not in out  # --max-batch 8
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in out.splitlines() if line.startswith("| ")]
+    rows = {name: values for name, *values in cells}
+    assert rows["no cache, eager"][0] == rows["prefix cache, static"][0] == "4"  # one token per forward
+    assert set(rows) >= {"1", "8", "int8"} and "64" not in rows  # --max-batch 8
+    vqa = [values for name, values in rows.items() if name.startswith("mmdlm: image -> tower")]
+    ar = [values for name, values in rows.items() if name.startswith("autoregressive: the same image work")]
+    assert vqa[0][0] == "4" and ar[0][0] == "4"  # random weights are never confident: 4 forwards, 4 tokens
+    tower = next(float(v[1]) for name, v in rows.items() if name.startswith("of which the image"))
+    assert 0 < tower < float(vqa[0][1]) and tower < float(ar[0][1])
+    tables = [line for line in out.splitlines() if line.startswith("(")]
+    assert [t.split(":")[0] for t in tables] == ["(forward", "(vqa", "(batch", "(quant"]
+
+
+def test_speed_tables_run_as_chosen(toy_shape, capsys):
+    assert benchmark.main(["--speed", "--gen-length", "4", "--repeats", "1", "--tables", "batch,forward",
+                           "--max-batch", "1"]) == 0
+    out = capsys.readouterr().out
+    assert [line.split(":")[0] for line in out.splitlines() if line.startswith("(")] == ["(batch", "(forward"]
+    assert "VQA" not in out and "int8" not in out
+    with pytest.raises(SystemExit, match="no table vqa2; choose from forward,vqa,batch,quant"):
+        benchmark.main(["--speed", "--tables", "forward,vqa2"])
