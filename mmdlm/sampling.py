@@ -65,7 +65,7 @@ GRAPH_SHAPES = 4  # per model, the (batch, length) shapes whose step buffers sta
 _GRAPH_BUFFERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> OrderedDict[shape, buffers]
 
 __all__ = ["SampleOutput", "SamplerConfig", "add_gumbel_noise", "confidence_of", "generate", "parallel_count",
-           "tokens_per_step"]
+           "release_graph_buffers", "tokens_per_step"]
 
 
 @dataclass
@@ -371,6 +371,11 @@ def _graph_buffers(model, shape) -> dict[str, torch.Tensor]:
     while len(shapes) > GRAPH_SHAPES:
         shapes.popitem(last=False)
     return shapes[shape]
+
+
+def release_graph_buffers(model) -> None:
+    """Free the buffers `model`'s graph path keeps between requests (the KV caches of its recent shapes)."""
+    _GRAPH_BUFFERS.pop(model, None)
 
 
 @functools.cache

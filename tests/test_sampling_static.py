@@ -257,6 +257,8 @@ def test_the_graph_path_keeps_buffers_for_its_most_recent_shapes(monkeypatch):
         generate(model, torch.ones(batch, 3, dtype=torch.long), mask_id=MASK, config=config)
     kept = [shape[0][0] for shape in sampling._GRAPH_BUFFERS[model]]
     assert kept == list(range(3, sampling.GRAPH_SHAPES + 3))
+    sampling.release_graph_buffers(model)
+    assert model not in sampling._GRAPH_BUFFERS
 
 
 def test_check_every_must_be_positive():
