@@ -217,6 +217,36 @@ def test_inductor_compiles_the_step_whole(monkeypatch):
         torch._dynamo.reset()
 
 
+@pytest.mark.parametrize("cache", ["none", "prefix", "block"])
+def test_every_tensor_the_step_writes_is_a_static_input(monkeypatch, cache):
+    """torch runs a compiled step without CUDA graphs when it mutates an input not marked static: none is here."""
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._guards import TracingContext
+
+    graphs = []
+
+    def inspect(gm, example_inputs):  # the functionalised forward: which inputs it writes, which are static
+        meta = TracingContext.get().fw_metadata
+        written = {i for i, info in enumerate(meta.input_info) if info.mutates_data or info.mutates_metadata}
+        graphs.append((written, set(meta.static_input_indices)))
+        return gm
+
+    model = EosBias(tiny(), bias=0.6)
+    ids, mask = ragged_batch()
+    config = SamplerConfig(gen_length=16, block_length=8, threshold=0.3, static=True, **STOP).with_cache(cache)
+    torch._dynamo.reset()
+    monkeypatch.setattr(sampling, "GRAPH_DEVICES", ("cuda", "cpu"))
+    compiled = torch.compile(sampling._step, backend=aot_autograd(fw_compiler=inspect), fullgraph=True)
+    monkeypatch.setattr(sampling, "_step_graph", lambda: compiled)
+    try:
+        generate(model, ids, mask_id=MASK, config=config, attention_mask=mask)
+        scheduled = replace(config, threshold=None, steps=16, early_stop=False)  # LLaDA's schedule: another input
+        generate(model, ids, mask_id=MASK, config=scheduled, attention_mask=mask)
+    finally:
+        torch._dynamo.reset()
+    assert graphs and all(written and written <= static for written, static in graphs)
+
+
 def test_the_graph_path_keeps_its_buffers_from_request_to_request(monkeypatch):
     """A CUDA graph replays on the addresses it was recorded with: the next request of a shape writes the same memory.
 
