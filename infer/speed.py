@@ -6,17 +6,18 @@
 
 Every answer follows 729 image + 32 prompt embeddings (LLaDA-V's SigLIP grid and a question). The
 tables (`--tables`, in the order given; each prints as soon as it is measured, with its seconds):
-- forward: ms per forward at batch 1 of a fixed schedule, one token per forward (`--gen-length`
-  forwards): uncached (every position) and with the prefix cache (the canvas only), eager and static
-  (`SamplerConfig.static`: CUDA graphs on a GPU), beside the weight-read floor: the LM's weight
-  bytes (the embedding table excepted: a forward reads only its rows) over the device's copy
+- forward: ms per answer at batch 1 of a fixed schedule, one token per forward (`--gen-length`
+  forwards), and of its first forward and each later one (`forward_ms`): uncached (every position)
+  and with the prefix cache (the first forward fills it, the later ones run the canvas only), eager
+  and static (`SamplerConfig.static`: CUDA graphs on a GPU), beside the weight-read floor: the LM's
+  weight bytes (the embedding table excepted: a forward reads only its rows) over the device's copy
   bandwidth, measured here;
 - vqa: one VQA request end to end: a 384 px image through a SigLIP-so400m-shaped tower and the
   projector, the prefix, then the answer (threshold 0.9, early stop, prefix cache, static); against
   the same tower followed by a Llama of the same shape from transformers (static KV cache, which
   transformers compiles on a GPU) writing the same number of tokens;
 - batch: answers/s at batch 1, 8 and 64 (static, prefix cache);
-- quant: low-bit weights (`--quantize`): weight memory and ms per forward, int8 everywhere, fp8 on
+- quant: low-bit weights (`--quantize`): weight memory and ms per later forward, int8 everywhere, fp8 on
   GPUs of compute capability 8.9+.
 Random weights are never confident: every forward commits one token (a trained model commits several
 under the threshold rule: the demo model answers in ~2 forwards), so the VQA row is its slowest case.
@@ -88,11 +89,20 @@ def copy_bandwidth(device: str) -> float:
     return 2 * size / seconds(lambda: dst.copy_(src), 5)
 
 
-def per_forward_ms(lm, embeds: torch.Tensor, config: SamplerConfig, repeats: int) -> tuple[float, int]:
-    """Return (ms per forward, forwards per answer) of sampling after `embeds`."""
-    out = generate(lm, prefix_embeds=embeds, mask_id=MASK_ID, config=config)
-    return 1000 * seconds(lambda: generate(lm, prefix_embeds=embeds, mask_id=MASK_ID, config=config),
-                          repeats) / out.forward_passes, out.forward_passes
+def forward_ms(lm, embeds: torch.Tensor, config: SamplerConfig, repeats: int) -> tuple[int, float, float, float]:
+    """Return (forwards, ms per answer, ms of the first forward, ms of each later one) of sampling after `embeds`.
+
+    The first forward of a cached setting runs every position and fills the cache; the later ones run
+    the canvas. A later forward's time is the difference between answering in G and in G/2 forwards
+    (a fixed schedule of 1 and of 2 tokens per forward: the same shapes, the same first forward), over G/2.
+    """
+    G = config.gen_length
+    full, half = replace(config, steps=G), replace(config, steps=G // 2)
+    forwards = generate(lm, prefix_embeds=embeds, mask_id=MASK_ID, config=full).forward_passes
+    answer, fewer = (seconds(lambda c=c: generate(lm, prefix_embeds=embeds, mask_id=MASK_ID, config=c), repeats)
+                     for c in (full, half))
+    later = (answer - fewer) / (G - G // 2)
+    return forwards, 1000 * answer, 1000 * (answer - (forwards - 1) * later), 1000 * later
 
 
 def forward_table(lm, base: SamplerConfig, device: str, repeats: int) -> str:
@@ -100,12 +110,13 @@ def forward_table(lm, base: SamplerConfig, device: str, repeats: int) -> str:
     floor_ms = 1000 * floor_bytes / copy_bandwidth(device)
     embeds = prefix(lm, 1)
     lines = [f"weight-read floor: {floor_bytes / 2**30:.2f} GiB of weights per forward = {floor_ms:.2f} ms",
-             "| batch 1 | forwards/answer | ms/forward | x floor |", "|---|---|---|---|"]
+             "| batch 1 | forwards/answer | ms/answer | first forward (ms) | each later forward (ms) | later / floor |",
+             "|---|---|---|---|---|---|"]
     # Uncached, a forward runs all 777 positions: arithmetic, not launches, bounds it (no graph for it).
     for name, config in (("no cache, eager", base), ("prefix cache, eager", base.with_cache("prefix")),
                          ("prefix cache, static", replace(base.with_cache("prefix"), static=True))):
-        ms, forwards = per_forward_ms(lm, embeds, config, repeats)
-        lines.append(f"| {name} | {forwards} | {ms:.2f} | {ms / floor_ms:.1f}x |")
+        forwards, answer, first, later = forward_ms(lm, embeds, config, repeats)
+        lines.append(f"| {name} | {forwards} | {answer:.1f} | {first:.2f} | {later:.2f} | {later / floor_ms:.1f}x |")
     return "\n".join(lines)
 
 
@@ -196,16 +207,16 @@ def quant_table(lm, base: SamplerConfig, device: str, repeats: int) -> str:
     kinds = ["none", "int8"]
     if device == "cuda" and torch.cuda.get_device_capability() >= (8, 9):
         kinds.append("fp8")
-    lines = ["| weights (static, prefix cache) | LM weight memory | ms/forward |", "|---|---|---|"]
+    lines = ["| weights (static, prefix cache) | LM weight memory | ms per later forward |", "|---|---|---|"]
     for kind in kinds:
         try:
             model = lm if kind == "none" else quantize_lm(copy.deepcopy(lm), kind)
         except QuantizeError as error:  # torchao missing: the other tables still count
             lines.append(f"| {kind} | skipped: {error} | |")
             continue
-        ms, _ = per_forward_ms(model, embeds, config, repeats)
+        *_, later = forward_ms(model, embeds, config, repeats)
         lines.append(f"| {kind if kind != 'none' else str(next(lm.parameters()).dtype)} | "
-                     f"{weight_bytes(model) / 2**20:.1f} MiB | {ms:.2f} |")
+                     f"{weight_bytes(model) / 2**20:.1f} MiB | {later:.2f} |")
         release_graph_buffers(model)
         del model
         if device == "cuda":
