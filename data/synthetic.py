@@ -19,7 +19,6 @@ from pathlib import Path
 
 from mmdlm.data.scenes import COLOURS, QUESTION_TYPES, SHAPES, QuestionSampler, build_scene, caption, draw_scene
 from mmdlm.data.scenes import question_text as make_question
-from mmdlm.data.shards import write_interleaved_shards
 from mmdlm.data.tokenizer import train_demo_tokenizer
 
 SPLITS = ("train", "val", "test")
@@ -90,6 +89,8 @@ def synthesize_split(split_dir: Path, split: str, n: int, seed: int, options: Wo
         start += size
     texts += [seg["text"] for doc in docs for seg in doc["segments"] if "text" in seg]
     if docs:
+        from mmdlm.data.shards import write_interleaved_shards  # webdataset: not needed by infer.py (CAPTION_PROMPT)
+
         (split_dir / "shards").mkdir(exist_ok=True)
         write_interleaved_shards(docs, str(split_dir / "shards" / "docs-%06d.tar"), maxcount=options.docs_per_shard)
     return texts
