@@ -20,7 +20,8 @@ tables (`--tables`, in the order given; each prints as soon as it is measured, w
 - quant: low-bit weights (`--quantize`): weight memory and ms per later forward, int8 everywhere, fp8 on
   GPUs of compute capability 8.9+.
 Random weights are never confident: every forward commits one token (a trained model commits several
-under the threshold rule: the demo model answers in ~2 forwards), so the VQA row is its slowest case.
+under the threshold rule: the demo model answers in ~2 forwards), so the VQA row is its slowest case;
+its last row says in how many forwards mmdlm must answer to come first.
 """
 
 from __future__ import annotations
@@ -165,10 +166,15 @@ def vqa_table(lm: DiffusionLM, shape: str, gen_length: int, repeats: int) -> str
 
     forwards = answer().forward_passes
     total, tower = seconds(answer, repeats), seconds(lambda: model.encode_images(pixels()), repeats)
+    with torch.no_grad():  # the cost of the first forward and of each later one, as in the forward table
+        _, _, first, later = forward_ms(lm, model.embed(ids, pixels()), replace(config, threshold=None), repeats)
     ar = ar_seconds(shape, p.dtype, p.device.type, ids.shape[1], gen_length, repeats)
     if p.device.type == "cuda":
         torch.cuda.empty_cache()
     compiled = " (compiled)" if p.device.type == "cuda" else ""
+    # mmdlm answers first while image + first + (F - 1) later forwards < image + AR: F < 1 + (AR - first) / later
+    even = 1 + (1000 * ar - first) / later if later > 0 else float("inf")
+    even_text = "never" if even < 1 else f"{min(even, gen_length):.1f}"
     return "\n".join([
         f"| one VQA request, batch 1, {ids.shape[1]} prefix tokens | forwards | ms |", "|---|---|---|",
         f"| mmdlm: image -> tower -> prefix -> {gen_length}-token answer (threshold 0.9, early stop, prefix cache, "
@@ -178,6 +184,8 @@ def vqa_table(lm: DiffusionLM, shape: str, gen_length: int, repeats: int) -> str
         f"{gen_length} | {1000 * (tower + ar):.1f} |",
         f"| of which the Llama alone ({1000 * ar / gen_length:.2f} ms per token, prompt included) | | "
         f"{1000 * ar:.1f} |",
+        f"| break-even: mmdlm answers first in up to this many forwards (first {first:.1f} ms, then "
+        f"{later:.2f} ms each) | {even_text} | |",
     ])
 
 

@@ -37,6 +37,8 @@ def test_speed_tables_at_a_toy_shape(toy_shape, capsys):
     assert vqa[0][0] == "4" and ar[0][0] == "4"  # random weights are never confident: 4 forwards, 4 tokens
     tower = next(float(v[1]) for name, v in rows.items() if name.startswith("of which the image"))
     assert 0 < tower < float(vqa[0][1]) and tower < float(ar[0][1])
+    even = next(v[0] for name, v in rows.items() if name.startswith("break-even: mmdlm answers first"))
+    assert even == "never" or 1 <= float(even) <= 4
     tables = [line for line in out.splitlines() if line.startswith("(")]
     assert [t.split(":")[0] for t in tables] == ["(forward", "(vqa", "(batch", "(quant"]
 
