@@ -57,7 +57,7 @@ def random_lm(shape: str, dtype: torch.dtype, device: str) -> DiffusionLM:
     config = DLMConfig(vocab_size=VOCAB, mask_token_id=MASK_ID, rope_theta=500000.0, max_position_embeddings=4096,
                        **SHAPES[shape])
     with torch.device(device):
-        return DiffusionLM(config).eval().to(dtype)
+        return DiffusionLM(config).eval().to(device, dtype)  # .to: whatever was made elsewhere, too
 
 
 def prefix(lm: DiffusionLM, batch: int) -> torch.Tensor:
@@ -142,7 +142,7 @@ def vqa_model(lm: DiffusionLM, shape: str):
     p = next(lm.parameters())
     torch.manual_seed(0)
     with torch.device(p.device):
-        return MMDLM(config, lm=lm).eval().to(p.dtype)
+        return MMDLM(config, lm=lm).eval().to(p.device, p.dtype)
 
 
 def vqa_table(lm: DiffusionLM, shape: str, gen_length: int, repeats: int) -> str:
@@ -197,7 +197,7 @@ def ar_seconds(shape: str, dtype: torch.dtype, device: str, prompt_tokens: int, 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=VOCAB, max_position_embeddings=4096, rope_theta=500000.0, **SHAPES[shape])
     with torch.device(device):
-        model = LlamaForCausalLM(config).eval().to(dtype)
+        model = LlamaForCausalLM(config).eval().to(device, dtype)
         ids = torch.randint(0, MASK_ID, (1, prompt_tokens))
 
     def answer():
