@@ -6,9 +6,9 @@
 # 1. infer/speed.py's tables at LLaDA-8B's shape in bf16 (TABLES: infer/benchmark.py --tables, default all),
 #    each printed as it is measured with its seconds, compilation included;
 # 2. when runs/demo/caption/model and runs/demo/world/test are there (scripts/demo.sh; carry both): the demo
-#    model's test answers in each weight format on this device (fp32, bf16, bf16 static = CUDA graphs,
-#    bf16 + int8, bf16 + fp8): VQA accuracy and answers identical to fp32's and to bf16 eager's. The answers
-#    come back in quality.tgz for CIDEr (pycocoevalcap needs Java: score them where it is installed).
+#    model's test answers in each weight format on this device (infer/formats.py: fp32, bf16, bf16 static =
+#    CUDA graphs, bf16 + int8, bf16 + fp8): VQA accuracy and answers identical to fp32's and to bf16 eager's.
+#    The answers come back in quality.tgz for CIDEr (pycocoevalcap needs Java: score them where it runs).
 # Output goes to $OUT/speed_8b.md and $OUT/quality.md as it is printed, when $OUT is set. mmdlm goes on the
 # path as a tree of links (no pip, no build). SHAPE=small DTYPE=float32 (MODEL=, WORLD=): the same run on a CPU.
 set -euo pipefail
@@ -41,39 +41,7 @@ python3 infer/benchmark.py --speed --shape "${SHAPE:-8b}" --dtype "${DTYPE:-bflo
 model=${MODEL:-runs/demo/caption/model}
 world=${WORLD:-runs/demo/world/test}
 [ -d "$model" ] && [ -f "$world/qa.json" ] || { echo "no $model or $world: no quality check"; exit 0; }
-world=$(cd "$world" && pwd)
 answers=$(mktemp -d)
-printf '%s\n' "| demo model, $world | VQA accuracy | VQA as fp32 | captions as fp32 | VQA as bf16 | captions as bf16 |" \
-    "|---|---|---|---|---|---|" | tee "$out/quality.md"
-for spec in "fp32:--dtype float32" "bf16:--dtype bfloat16" "bf16_static:--dtype bfloat16 --static" \
-            "bf16_int8:--dtype bfloat16 --quantize int8" "bf16_fp8:--dtype bfloat16 --quantize fp8"; do
-    name=${spec%%:*}
-    for task in qa captions; do
-        # shellcheck disable=SC2086  # the flags are words
-        python3 infer/infer.py --model "$model" --input "$world/$task.json" --output "$answers/${name}_$task.jsonl" \
-            --batch-size 32 ${spec#*:} 2>&1 | tail -n 2 | grep -v "answering" || true
-    done
-    (cd "$site" && python3 - "$answers" "$name" "$world") <<'EOF' 2>&1 | tee -a "$out/quality.md" || true
-import json, sys
-from pathlib import Path
-
-from mmdlm.infer.evaluate import load_predictions, load_references, score
-
-answers, name, world = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
-def read(fmt, task):
-    path = answers / f"{fmt}_{task}.jsonl"
-    return {r["id"]: (r["answer"], r["forward_passes"]) for r in map(json.loads, path.open())} if path.exists() else {}
-def same(task, other):
-    mine, theirs = read(name, task), read(other, task)
-    if not mine or not theirs:
-        return "-"
-    text = sum(mine[k][0] == theirs.get(k, (None,))[0] for k in mine)
-    both = sum(mine[k] == theirs.get(k) for k in mine)
-    return f"{text}/{len(mine)} ({both} with the same forwards)"
-qa = answers / f"{name}_qa.jsonl"
-vqa = score(load_predictions(qa), load_references(world / "qa.json"), "vqa")["vqa"] if qa.exists() else float("nan")
-print(f"| {name} | {vqa:.2f} | {same('qa', 'fp32')} | {same('captions', 'fp32')} | {same('qa', 'bf16')} | "
-      f"{same('captions', 'bf16')} |")
-EOF
-done
+python3 infer/formats.py --model "$model" --world "$world" --out "$answers" | tee "$out/quality.md" ||
+    true  # a format that fails has printed its error (stderr) and an empty row
 tar czf "$out/quality.tgz" -C "$answers" .

@@ -161,6 +161,39 @@ def test_llava_file_in_batches_then_evaluate(model_dir, images, tmp_path, capsys
     assert capsys.readouterr().out.startswith("vqa: ")
 
 
+def test_formats_table(model_dir, images, tmp_path, capsys):
+    """infer/formats.py: every format's answers saved and compared; one the machine cannot run leaves its row empty."""
+    from mmdlm.infer import formats
+
+    world = tmp_path / "world"
+    world.mkdir()
+    for k in range(3):
+        (world / f"{k}.png").write_bytes((images / f"{k}.png").read_bytes())
+    qa = [{"id": f"q{k}", "image": f"{k}.png", "conversations": [
+        {"from": "human", "value": "<image>\nwhat colour is the circle?"}, {"from": "gpt", "value": "red"}]}
+        for k in range(3)]
+    captions = [{"id": f"c{k}", "image": f"{k}.png", "conversations": [
+        {"from": "human", "value": "<image>\nDescribe the image."}, {"from": "gpt", "value": "a red circle"}]}
+        for k in range(2)]
+    (world / "qa.json").write_text(json.dumps(qa))
+    (world / "captions.json").write_text(json.dumps(captions))
+    out = tmp_path / "answers"
+    assert formats.main(["--model", str(model_dir), "--world", str(world), "--out", str(out), "--batch-size", "2",
+                         "--formats", "fp32,bf16,bf16-static,bf16-fp8", "--device", "cpu", "--gen-length", "16"]) == 0
+    captured = capsys.readouterr()
+    rows = {line.split(" | ")[0].strip("| "): line.strip("| ").split(" | ")[1:]
+            for line in captured.out.splitlines()[2:]}
+    assert list(rows) == ["fp32", "bf16", "bf16-static", "bf16-fp8"]
+    assert rows["fp32"][1:3] == ["3/3 (3 with the same forwards)", "2/2 (2 with the same forwards)"]
+    assert rows["bf16-static"][3:5] == rows["bf16"][3:5]  # the static path answers as eager does, forwards too
+    assert rows["bf16"][3:5] == ["3/3 (3 with the same forwards)", "2/2 (2 with the same forwards)"]
+    assert rows["bf16-fp8"] == ["-"] * 5 and "needs a GPU of compute capability 8.9" in captured.err
+    saved = sorted(path.name for path in out.iterdir())
+    assert saved == sorted(f"{f}_{t}.jsonl" for f in ("fp32", "bf16", "bf16-static") for t in ("qa", "captions"))
+    with pytest.raises(SystemExit):
+        formats.main(["--model", str(model_dir), "--world", str(world), "--out", str(out), "--formats", "fp16"])
+
+
 def test_batched_requests_equal_requests_run_alone(model_dir, images):
     answerer = Answerer(*load_model(model_dir))
     s = answerer.special
