@@ -178,6 +178,7 @@ class Answerer:
         # Trained with prefix-DLM attention (LaViDa): then the prefix cache is exact and on by default.
         self.prefix_dlm = bool(getattr(model.config, "prefix_dlm", False))
         self.context = model.lm.config.max_position_embeddings
+        self.pad_to = 1  # prompts are left-padded to a multiple of this many tokens (prefix)
         self.autoregressive = model.lm.config.attention == "causal"
         self.device = next(model.parameters()).device
 
@@ -192,8 +193,12 @@ class Answerer:
 
     @torch.no_grad()
     def prefix(self, prompts: list[list[int]], images: list[list[Image.Image]]):
-        """Return (prefix embeddings [B, P, D], attention mask [B, P]) with prompts left-padded to one length."""
-        width = max(len(p) for p in prompts)
+        """Return (prefix embeddings [B, P, D], attention mask [B, P]) with prompts left-padded to one length.
+
+        That length is a multiple of `pad_to` (1 by default): with static shapes on a GPU, batches whose
+        longest prompts differ a little then share one CUDA graph. Padding never changes a row's answer
+        (masked keys, unpadded positions), but it adds a key mask to a batch that had none."""
+        width = -(-max(len(p) for p in prompts) // self.pad_to) * self.pad_to
         ids = torch.full((len(prompts), width), self.special.pad, dtype=torch.long)  # [B, P]
         mask = torch.zeros(len(prompts), width, dtype=torch.bool)
         for row, prompt in enumerate(prompts):
@@ -287,6 +292,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-early-stop", action="store_true", help="decode the whole canvas even after the answer ends")
     s.add_argument("--static", action="store_true",
                    help="static shapes: no host sync per step, CUDA graphs on a GPU (same answers as without)")
+    s.add_argument("--pad-to", type=int, default=1, metavar="N",
+                   help="left-pad each batch's prompts to a multiple of N tokens: with --static on a GPU, batches "
+                        "of nearby lengths then share one CUDA graph instead of recording their own (same answers)")
     s.add_argument("--temperature", type=float, default=0.0)
     s.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=8)
@@ -352,9 +360,12 @@ def run(args: argparse.Namespace) -> int:
     task = args.task or task
     if args.show_steps not in (None, "-") and Path(args.show_steps).suffix.lower() not in (".png", ".gif"):
         raise InferError(f"--show-steps {args.show_steps}: give a .png or .gif path, or no path to print the steps")
+    if args.pad_to < 1:
+        raise InferError(f"--pad-to {args.pad_to}: give at least 1")
     model, tokenizer = load_model(args.model, args.device, args.dtype)
     quantize_lm(model.lm, args.quantize)
     answerer = Answerer(model, tokenizer)
+    answerer.pad_to = args.pad_to
     config = sampler_config(args, task, answerer)
     canvas = None
     if args.template is not None:

@@ -206,6 +206,32 @@ def test_batched_requests_equal_requests_run_alone(model_dir, images):
         assert (alone.pieces, alone.commit_step) == (together[k].pieces, together[k].commit_step)
 
 
+@pytest.mark.parametrize("static", [False, True])
+def test_padding_prompts_to_a_multiple_changes_no_answer(model_dir, images, static):
+    """--pad-to: fewer shapes for the static path's CUDA graphs, the same answers and commit steps."""
+    answerer = Answerer(*load_model(model_dir))
+    s = answerer.special
+    config = SamplerConfig(**TASK_DEFAULTS["vqa"], early_stop=True, eos_id=s.eos, stop_ids=(s.eot,), static=static)
+    turns = [[{"from": "human", "value": "<image>\n" + q}] for q in ("how many squares", "what colour is it? " * 4)]
+    pictures = [[load_image(images / "0.png")], [load_image(images / "1.png")]]
+    for rows in (slice(0, 1), slice(0, 2)):  # alone (no key mask without padding) and in a ragged batch
+        plain = answerer.answer(turns[rows], pictures[rows], config)
+        answerer.pad_to = 64
+        try:
+            prompts = [answerer.prompt_ids(t, i) for t, i in zip(turns[rows], pictures[rows])]
+            embeds, mask = answerer.prefix(prompts, pictures[rows])
+            padded = answerer.answer(turns[rows], pictures[rows], config)
+        finally:
+            answerer.pad_to = 1
+        assert embeds.shape[1] % 64 == 0 and mask.sum(1).tolist() == [len(p) for p in prompts]
+        assert [(a.pieces, a.commit_step) for a in padded] == [(a.pieces, a.commit_step) for a in plain]
+
+
+def test_pad_to_must_be_positive(model_dir, images, capsys):
+    assert main(["--model", str(model_dir), "--image", str(images / "0.png"), "--question", "hi", "--pad-to", "0"]) == 2
+    assert one_error_line(capsys) == "error: --pad-to 0: give at least 1"
+
+
 def test_template_keeps_its_text_and_fills_its_holes(model_dir, images):
     answerer = Answerer(*load_model(model_dir))
     canvas = answerer.template_canvas("the circle is <mask><mask> on the left")
