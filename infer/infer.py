@@ -291,7 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "approximate")
     s.add_argument("--no-early-stop", action="store_true", help="decode the whole canvas even after the answer ends")
     s.add_argument("--static", action="store_true",
-                   help="static shapes: no host sync per step, CUDA graphs on a GPU (same answers as without)")
+                   help="static shapes: no host sync per step, CUDA graphs on a GPU (the same answers as "
+                        "without, up to the compiled kernels' rounding on a GPU)")
     s.add_argument("--pad-to", type=int, default=1, metavar="N",
                    help="left-pad each batch's prompts to a multiple of N tokens: with --static on a GPU, batches "
                         "of nearby lengths then share one CUDA graph instead of recording their own (same answers)")
