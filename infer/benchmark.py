@@ -253,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--frontier-cache", choices=["prefix", "block"],
                    help="the cache of the frontier's sweeps (default: prefix for a model trained with prefix-DLM "
                         "attention, else block)")
-    p.add_argument("--repeats", type=int, default=3, help="runs per sample; its fastest counts")
+    p.add_argument("--repeats", type=int, default=3, help="runs per sample; its fastest counts (--speed: the median)")
     p.add_argument("--tau", type=float, default=0.9, help="threshold of the ladder's fast rows")
     p.add_argument("--plot", default="frontier.png", help="where to save the quality/speed frontier")
     p.add_argument("--prefix-tokens", type=int, default=256, help="synthetic run: image tokens before the prompt")

@@ -19,15 +19,17 @@ tables (`--tables`, in the order given; each prints as soon as it is measured, w
 - batch: answers/s at batch 1, 8 and 64 (static, prefix cache);
 - quant: low-bit weights (`--quantize`): weight memory and ms per later forward, int8 everywhere, fp8 on
   GPUs of compute capability 8.9+.
-Random weights are never confident: every forward commits one token (a trained model commits several
-under the threshold rule: the demo model answers in ~2 forwards), so the VQA row is its slowest case;
-its last row says in how many forwards mmdlm must answer to come first.
+Times are medians of `--repeats` runs after a warm-up run (which compiles). Random weights are never
+confident: every forward commits one token (a trained model commits several under the threshold
+rule: the demo model answers in ~2 forwards), so the VQA row is its slowest case; its last row says
+in how many forwards mmdlm must answer to come first.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import statistics
 import time
 from dataclasses import replace
 
@@ -69,17 +71,17 @@ def prefix(lm: DiffusionLM, batch: int) -> torch.Tensor:
 
 
 def seconds(fn, repeats: int) -> float:
-    """Return the fastest of `repeats` timed runs of fn() after one warm-up run (compilation, allocation)."""
+    """Return the median of `repeats` timed runs of fn() after one warm-up run (compilation, allocation)."""
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     fn()
-    best = float("inf")
+    times = []
     for _ in range(repeats):
         sync()
         began = time.perf_counter()
         fn()
         sync()
-        best = min(best, time.perf_counter() - began)
-    return best
+        times.append(time.perf_counter() - began)
+    return statistics.median(times)
 
 
 def copy_bandwidth(device: str) -> float:
