@@ -35,7 +35,7 @@ nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,driver_version --format=c
 print('torch', torch.__version__, 'transformers', transformers.__version__, 'mmdlm from', s.__file__)")
 (cd "$site" && python3 -c "import torchao; print('torchao', torchao.__version__)") || echo "no torchao: no int8/fp8 rows"
 
-python3 infer/benchmark.py --speed --shape "${SHAPE:-8b}" --dtype "${DTYPE:-bfloat16}" --tables "$tables" 2>&1 |
+python3 infer/benchmark.py --speed --shape "${SHAPE:-8b}" --dtype "${DTYPE:-bfloat16}" --tables "$tables" --repeats 5 2>&1 |
     tee "$out/speed_${SHAPE:-8b}.md"
 
 model=${MODEL:-runs/demo/caption/model}
