@@ -168,7 +168,8 @@ def vqa_table(lm: DiffusionLM, shape: str, gen_length: int, repeats: int) -> str
     forwards = answer().forward_passes
     total, tower = seconds(answer, repeats), seconds(lambda: model.encode_images(pixels()), repeats)
     # the cost of the first forward and of each later one, as in the forward table
-    _, _, first, later = forward_ms(lm, model.embed(ids, pixels()), replace(config, threshold=None), repeats)
+    fixed = replace(config, threshold=None, early_stop=False)  # the forward table's static setting: no compile
+    _, _, first, later = forward_ms(lm, model.embed(ids, pixels()), fixed, repeats)
     ar = ar_seconds(shape, p.dtype, p.device.type, ids.shape[1], gen_length, repeats)
     if p.device.type == "cuda":
         torch.cuda.empty_cache()

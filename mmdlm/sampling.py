@@ -295,7 +295,10 @@ def generate(
             window = _window(run, step, start, end, first)
             # A forward that fills the cache allocates its buffers: it runs eagerly, the steps between replay graphs.
             step_fn = _step_graph() if graphs and not window.fill_cache else _step
-            step_fn(run, rows, window, start, first, end, None if config.parallel else rows.schedule[:, step])
+            scheduled = None if config.parallel else rows.schedule[:, step]
+            if graphs and scheduled is not None:  # own memory: a column's stride (steps per block) would be guarded
+                scheduled = scheduled.clone(memory_format=torch.contiguous_format)
+            step_fn(run, rows, window, start, first, end, scheduled)
             if graphs and window.fill_cache:
                 _pin(run, rows)
             step += 1

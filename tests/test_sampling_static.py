@@ -247,6 +247,32 @@ def test_every_tensor_the_step_writes_is_a_static_input(monkeypatch, cache):
     assert graphs and all(written and written <= static for written, static in graphs)
 
 
+def test_one_graph_serves_every_schedule_and_batch_size(monkeypatch):
+    """Each compile of the step costs tens of seconds on a GPU: a schedule of other steps per block, or another
+    batch size after the first, must not cost another (the second batch size marks the batch dynamic)."""
+    compiles = []
+
+    def count(gm, example_inputs):
+        compiles.append(gm)
+        return gm.forward
+
+    model = tiny()
+    torch._dynamo.reset()
+    monkeypatch.setattr(sampling, "GRAPH_DEVICES", ("cuda", "cpu"))
+    compiled = torch.compile(sampling._step, backend=count, fullgraph=True)
+    monkeypatch.setattr(sampling, "_step_graph", lambda: compiled)
+    config = SamplerConfig(gen_length=16, block_length=16, steps=16, static=True).with_cache("prefix")
+    try:
+        for steps in (16, 8, 4):
+            generate(model, torch.ones(1, 5, dtype=torch.long), mask_id=MASK, config=replace(config, steps=steps))
+        assert len(compiles) == 1
+        for batch in (2, 8, 3):
+            generate(model, torch.ones(batch, 5, dtype=torch.long), mask_id=MASK, config=config)
+        assert len(compiles) == 2
+    finally:
+        torch._dynamo.reset()
+
+
 def test_the_graph_path_keeps_its_buffers_from_request_to_request(monkeypatch):
     """A CUDA graph replays on the addresses it was recorded with: the next request of a shape writes the same memory.
 
