@@ -8,9 +8,9 @@ there), with infer.py's defaults, the format's options (FORMATS) and any option 
 know (`--gen-length 32`: passed to infer.py as it is); the answers go to
 OUT/<format>_<qa|captions>.jsonl. After each format a Markdown row is printed: VQA accuracy, then
 how many VQA answers and captions are the same as the first format's and as the second's, with how
-many of those also took the same forwards. A format the machine cannot run (fp8 on a CPU) prints its
-error and an empty row. CIDEr needs pycocoevalcap (and Java for it): run evaluate.py on the caption
-files where that is installed.
+many of those also took the same forwards. A format the machine cannot run (fp8 on a CPU), or whose
+run fails, prints its error and leaves its cells empty; the next format still runs. CIDEr needs
+pycocoevalcap (and Java for it): run evaluate.py on the caption files where that is installed.
 """
 
 from __future__ import annotations
@@ -80,8 +80,15 @@ def main(argv: list[str] | None = None) -> int:
             path = out / f"{name}_{task}.jsonl"
             path.unlink(missing_ok=True)
             options = ["--device", args.device] if args.device else []
-            infer(["--model", args.model, "--input", str(world / f"{task}.json"), "--output", str(path),
-                   "--batch-size", str(args.batch_size), *options, *FORMATS[name], *passed])  # error: a stderr line
+            argv = ["--model", args.model, "--input", str(world / f"{task}.json"), "--output", str(path),
+                    "--batch-size", str(args.batch_size), *options, *FORMATS[name], *passed]
+            try:
+                failed = infer(argv) != 0  # a UserError (fp8 on a CPU): one stderr line, exit code 2
+            except Exception as error:  # noqa: BLE001 (out of memory, a kernel this GPU lacks): the next format runs
+                print(f"error: {name} {task}: {type(error).__name__}: {error}", file=sys.stderr, flush=True)
+                failed = True
+            if failed:  # half a file would score as if complete
+                path.unlink(missing_ok=True)
         answers = {task: read(out / f"{name}_{task}.jsonl") for task in tasks}
         vqa = f"{score(load_predictions(out / f'{name}_qa.jsonl'), references, 'vqa')['vqa']:.2f}" \
             if answers["qa"] else "-"

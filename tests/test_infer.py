@@ -4,6 +4,7 @@ import io
 import json
 import struct
 import zlib
+from pathlib import Path
 
 import pytest
 import torch
@@ -192,6 +193,35 @@ def test_formats_table(model_dir, images, tmp_path, capsys):
     assert saved == sorted(f"{f}_{t}.jsonl" for f in ("fp32", "bf16", "bf16-static") for t in ("qa", "captions"))
     with pytest.raises(SystemExit):
         formats.main(["--model", str(model_dir), "--world", str(world), "--out", str(out), "--formats", "fp16"])
+
+
+def test_formats_table_survives_a_failing_format(tmp_path, capsys, monkeypatch):
+    """A run that crashes half-way (out of memory, say) leaves no half file to score; the next format runs."""
+    from mmdlm.infer import formats
+
+    world = tmp_path / "world"
+    world.mkdir()
+    entries = [{"id": f"q{k}", "image": "0.png", "conversations": [
+        {"from": "human", "value": "<image>\nhow many?"}, {"from": "gpt", "value": str(k)}]} for k in range(4)]
+    (world / "qa.json").write_text(json.dumps(entries))
+
+    def fake_infer(argv):
+        out = Path(argv[argv.index("--output") + 1])
+        rows = [{"id": f"q{k}", "answer": str(k), "forward_passes": 1} for k in range(4)]
+        if "int8" in argv:
+            out.write_text(json.dumps(rows[0]) + "\n")
+            raise RuntimeError("CUDA out of memory")
+        out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return 0
+
+    monkeypatch.setattr(formats, "infer", fake_infer)
+    assert formats.main(["--model", "m", "--world", str(world), "--out", str(tmp_path / "a"),
+                         "--formats", "fp32,bf16-int8,bf16"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.splitlines()[2:] == ["| fp32 | 100.00 | 4/4 (4 with the same forwards) | - |",
+                                             "| bf16-int8 | - | - | - |",
+                                             "| bf16 | 100.00 | 4/4 (4 with the same forwards) | - |"]
+    assert "error: bf16-int8 qa: RuntimeError: CUDA out of memory" in captured.err
 
 
 def test_batched_requests_equal_requests_run_alone(model_dir, images):
