@@ -31,6 +31,7 @@ import argparse
 import copy
 import statistics
 import time
+import traceback
 from dataclasses import replace
 
 import torch
@@ -127,11 +128,24 @@ def batch_table(lm, base: SamplerConfig, batches: tuple[int, ...], repeats: int)
     config = replace(base.with_cache("prefix"), static=True)
     lines = ["| batch (static, prefix cache) | ms/answer batch | answers/s |", "|---|---|---|"]
     for batch in batches:
-        embeds = prefix(lm, batch)
-        s = seconds(lambda e=embeds: generate(lm, prefix_embeds=e, mask_id=MASK_ID, config=config), repeats)
+        try:
+            embeds = prefix(lm, batch)
+            s = seconds(lambda e=embeds: generate(lm, prefix_embeds=e, mask_id=MASK_ID, config=config), repeats)
+        except Exception as error:  # noqa: BLE001 (out of memory at batch 64 on a smaller card): keep the others
+            lines.append(f"| {batch} | failed: {failure(error)} | |")
+            break
         lines.append(f"| {batch} | {1000 * s:.1f} | {batch / s:.1f} |")
     release_graph_buffers(lm)  # batch 64's KV cache: 26 GiB at the 8B shape
     return "\n".join(lines)
+
+
+def failure(error: Exception) -> str:
+    """Return an error as a table cell (type, first line) after printing its traceback to stderr; on a GPU,
+    the cached memory is freed for what follows. Call it in the `except` block."""
+    traceback.print_exc()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}".replace("|", "/")
 
 
 def vqa_model(lm: DiffusionLM, shape: str):
@@ -219,15 +233,21 @@ def quant_table(lm, base: SamplerConfig, device: str, repeats: int) -> str:
         kinds.append("fp8")
     lines = ["| weights (static, prefix cache) | LM weight memory | ms per later forward |", "|---|---|---|"]
     for kind in kinds:
+        model = None
         try:
             model = lm if kind == "none" else quantize_lm(copy.deepcopy(lm), kind)
-        except QuantizeError as error:  # torchao missing: the other tables still count
+            *_, later = forward_ms(model, embeds, config, repeats)
+        except QuantizeError as error:  # torchao missing: the other rows and tables still count
             lines.append(f"| {kind} | skipped: {error} | |")
             continue
-        *_, later = forward_ms(model, embeds, config, repeats)
+        except Exception as error:  # noqa: BLE001 (a kernel this GPU or torch lacks): the next kind runs
+            lines.append(f"| {kind} | failed: {failure(error)} | |")
+            continue
+        finally:
+            if model is not None:
+                release_graph_buffers(model)
         lines.append(f"| {kind if kind != 'none' else str(next(lm.parameters()).dtype)} | "
                      f"{weight_bytes(model) / 2**20:.1f} MiB | {later:.2f} |")
-        release_graph_buffers(model)
         del model
         if device == "cuda":
             torch.cuda.empty_cache()
@@ -258,9 +278,13 @@ def run(args: argparse.Namespace) -> int:
         "batch": lambda: batch_table(lm, base, tuple(b for b in BATCHES if b <= args.max_batch), args.repeats),
         "quant": lambda: quant_table(lm, base, args.device, args.repeats),
     }
+    failed = []
     for name in names:
         began = time.perf_counter()
-        with torch.no_grad():  # the tower and the embeddings too: no autograd graph in any timing
-            table = tables[name]()
+        try:
+            with torch.no_grad():  # the tower and the embeddings too: no autograd graph in any timing
+                table = tables[name]()
+        except Exception as error:  # noqa: BLE001 (one table's failure must not cost the others' device time)
+            table, failed = f"{name} failed: {failure(error)}", [*failed, name]
         print(f"\n{table}\n({name}: {time.perf_counter() - began:.0f} s, compilation included)", flush=True)
-    return 0
+    return 1 if failed else 0

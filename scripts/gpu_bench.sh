@@ -36,7 +36,7 @@ print('torch', torch.__version__, 'transformers', transformers.__version__, 'mmd
 (cd "$site" && python3 -c "import torchao; print('torchao', torchao.__version__)") || echo "no torchao: no int8/fp8 rows"
 
 python3 infer/benchmark.py --speed --shape "${SHAPE:-8b}" --dtype "${DTYPE:-bfloat16}" --tables "$tables" --repeats 5 2>&1 |
-    tee "$out/speed_${SHAPE:-8b}.md"
+    tee "$out/speed_${SHAPE:-8b}.md" || echo "a table failed (its traceback is above); the quality check still runs"
 
 model=${MODEL:-runs/demo/caption/model}
 world=${WORLD:-runs/demo/world/test}

@@ -51,3 +51,22 @@ def test_speed_tables_run_as_chosen(toy_shape, capsys):
     assert "VQA" not in out and "int8" not in out
     with pytest.raises(SystemExit, match="no table vqa2; choose from forward,vqa,batch,quant"):
         benchmark.main(["--speed", "--tables", "forward,vqa2"])
+
+
+def test_a_failing_row_or_table_costs_only_itself(toy_shape, capsys, monkeypatch):
+    """On a lent GPU each minute counts: an error (a kernel torch lacks, out of memory) fails its row or table."""
+
+    def broken_quantize(lm, kind):
+        raise RuntimeError("no kernel for this\nsecond line")
+
+    def broken_batch(*args):
+        raise MemoryError("out of memory")
+
+    monkeypatch.setattr(speed, "quantize_lm", broken_quantize)
+    monkeypatch.setattr(speed, "batch_table", broken_batch)
+    assert benchmark.main(["--speed", "--gen-length", "4", "--repeats", "1", "--tables", "quant,batch,forward"]) == 1
+    captured = capsys.readouterr()
+    assert "| int8 | failed: RuntimeError: no kernel for this | |" in captured.out
+    assert "batch failed: MemoryError: out of memory\n(batch:" in captured.out
+    assert "| no cache, eager | 4 |" in captured.out  # the table after the failed one ran
+    assert "Traceback" in captured.err
