@@ -184,18 +184,23 @@ def vqa_table(lm: DiffusionLM, shape: str, gen_length: int, repeats: int) -> str
     # the cost of the first forward and of each later one, as in the forward table
     fixed = replace(config, threshold=None, early_stop=False)  # the forward table's static setting: no compile
     _, _, first, later = forward_ms(lm, model.embed(ids, pixels()), fixed, repeats)
-    ar = ar_seconds(shape, p.dtype, p.device.type, ids.shape[1], gen_length, repeats)
+    lines = [f"| one VQA request, batch 1, {ids.shape[1]} prefix tokens | forwards | ms |", "|---|---|---|",
+             f"| mmdlm: image -> tower -> prefix -> {gen_length}-token answer (threshold 0.9, early stop, prefix "
+             f"cache, static) | {forwards} | {1000 * total:.1f} |",
+             f"| of which the image: processing, tower, projector | | {1000 * tower:.1f} |"]
+    compiled = " (compiled)" if p.device.type == "cuda" else ""
+    try:
+        ar = ar_seconds(shape, p.dtype, p.device.type, ids.shape[1], gen_length, repeats)
+    except Exception as error:  # noqa: BLE001 (transformers' compile on this torch): mmdlm's rows still count
+        return "\n".join([*lines, f"| autoregressive: transformers Llama, static cache{compiled} | failed: "
+                                  f"{failure(error)} | |"])
     if p.device.type == "cuda":
         torch.cuda.empty_cache()
-    compiled = " (compiled)" if p.device.type == "cuda" else ""
     # mmdlm answers first while image + first + (F - 1) later forwards < image + AR: F < 1 + (AR - first) / later
     even = 1 + (1000 * ar - first) / later if later > 0 else float("inf")
     even_text = "never" if even < 1 else f"{min(even, gen_length):.1f}"
     return "\n".join([
-        f"| one VQA request, batch 1, {ids.shape[1]} prefix tokens | forwards | ms |", "|---|---|---|",
-        f"| mmdlm: image -> tower -> prefix -> {gen_length}-token answer (threshold 0.9, early stop, prefix cache, "
-        f"static) | {forwards} | {1000 * total:.1f} |",
-        f"| of which the image: processing, tower, projector | | {1000 * tower:.1f} |",
+        *lines,
         f"| autoregressive: the same image work, then transformers Llama, static cache{compiled} | "
         f"{gen_length} | {1000 * (tower + ar):.1f} |",
         f"| of which the Llama alone ({1000 * ar / gen_length:.2f} ms per token, prompt included) | | "

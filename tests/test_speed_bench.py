@@ -70,3 +70,15 @@ def test_a_failing_row_or_table_costs_only_itself(toy_shape, capsys, monkeypatch
     assert "batch failed: MemoryError: out of memory\n(batch:" in captured.out
     assert "| no cache, eager | 4 |" in captured.out  # the table after the failed one ran
     assert "Traceback" in captured.err
+
+
+def test_the_vqa_rows_stand_without_the_autoregressive_baseline(toy_shape, capsys, monkeypatch):
+    def broken_ar(*args):
+        raise RuntimeError("compile failed")
+
+    monkeypatch.setattr(speed, "ar_seconds", broken_ar)
+    assert benchmark.main(["--speed", "--gen-length", "4", "--repeats", "1", "--tables", "vqa"]) == 0
+    out = capsys.readouterr().out
+    assert "| mmdlm: image -> tower -> prefix -> 4-token answer" in out
+    assert "| autoregressive: transformers Llama, static cache | failed: RuntimeError: compile failed | |" in out
+    assert "break-even" not in out
