@@ -62,13 +62,22 @@ def test_a_failing_row_or_table_costs_only_itself(toy_shape, capsys, monkeypatch
     def broken_batch(*args):
         raise MemoryError("out of memory")
 
+    real_forward_ms = speed.forward_ms
+
+    def static_broken(lm, embeds, config, repeats):
+        if config.static:
+            raise RuntimeError("inductor failed")
+        return real_forward_ms(lm, embeds, config, repeats)
+
     monkeypatch.setattr(speed, "quantize_lm", broken_quantize)
     monkeypatch.setattr(speed, "batch_table", broken_batch)
+    monkeypatch.setattr(speed, "forward_ms", static_broken)
     assert benchmark.main(["--speed", "--gen-length", "4", "--repeats", "1", "--tables", "quant,batch,forward"]) == 1
     captured = capsys.readouterr()
     assert "| int8 | failed: RuntimeError: no kernel for this | |" in captured.out
     assert "batch failed: MemoryError: out of memory\n(batch:" in captured.out
-    assert "| no cache, eager | 4 |" in captured.out  # the table after the failed one ran
+    assert "| no cache, eager | 4 |" in captured.out  # the table after the failed one ran, bar its failed row
+    assert "| prefix cache, static | failed: RuntimeError: inductor failed | | | | |" in captured.out
     assert "Traceback" in captured.err
 
 
