@@ -97,16 +97,16 @@ def forward_ms(lm, embeds: torch.Tensor, config: SamplerConfig, repeats: int) ->
     """Return (forwards, ms per answer, ms of the first forward, ms of each later one) of sampling after `embeds`.
 
     The first forward of a cached setting runs every position and fills the cache; the later ones run
-    the canvas. A later forward's time is the difference between answering in G and in G/2 forwards
-    (a fixed schedule of 1 and of 2 tokens per forward: the same shapes, the same first forward), over G/2.
+    the canvas. The first forward is timed alone as an answer committed in one forward (a fixed
+    schedule of one step: the same shapes), and each later one as the rest of a one-token-per-forward
+    answer over its G - 1 later forwards; the answer's setup counts with the first.
     """
     G = config.gen_length
-    full, half = replace(config, steps=G), replace(config, steps=G // 2)
+    full, single = replace(config, steps=G), replace(config, steps=1)
     forwards = generate(lm, prefix_embeds=embeds, mask_id=MASK_ID, config=full).forward_passes
-    answer, fewer = (seconds(lambda c=c: generate(lm, prefix_embeds=embeds, mask_id=MASK_ID, config=c), repeats)
-                     for c in (full, half))
-    later = (answer - fewer) / (G - G // 2)
-    return forwards, 1000 * answer, 1000 * (answer - (forwards - 1) * later), 1000 * later
+    answer, first = (seconds(lambda c=c: generate(lm, prefix_embeds=embeds, mask_id=MASK_ID, config=c), repeats)
+                     for c in (full, single))
+    return forwards, 1000 * answer, 1000 * first, 1000 * (answer - first) / max(forwards - 1, 1)
 
 
 def forward_table(lm, base: SamplerConfig, device: str, repeats: int) -> str:
