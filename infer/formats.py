@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from mmdlm.errors import report_user_errors
 from mmdlm.infer.evaluate import load_predictions, load_references, score
 from mmdlm.infer.infer import main as infer
 
@@ -67,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     tasks = [task for task in TASKS if (world / f"{task}.json").is_file()]
     if "qa" not in tasks:
         p.error(f"--world {world}: no qa.json there")
+    references = load_references(world / "qa.json")
     out.mkdir(parents=True, exist_ok=True)
     # The static step compiles once per sampler setting and shape (qa and captions, every batch length): more
     # than torch's default of 8 would fall back to eager, and bf16-static would no longer test the CUDA graphs.
@@ -74,16 +76,15 @@ def main(argv: list[str] | None = None) -> int:
     refs = formats[:2]
     head = " | ".join(f"{task} as {ref}" for ref in refs for task in tasks)
     print(f"| format ({world}) | VQA accuracy | {head} |\n|---|---|{'---|' * len(refs) * len(tasks)}", flush=True)
-    references = load_references(world / "qa.json")
     for name in formats:
         for task in tasks:
             path = out / f"{name}_{task}.jsonl"
             path.unlink(missing_ok=True)
             options = ["--device", args.device] if args.device else []
-            argv = ["--model", args.model, "--input", str(world / f"{task}.json"), "--output", str(path),
-                    "--batch-size", str(args.batch_size), *options, *FORMATS[name], *passed]
+            command = ["--model", args.model, "--input", str(world / f"{task}.json"), "--output", str(path),
+                       "--batch-size", str(args.batch_size), *options, *FORMATS[name], *passed]
             try:
-                failed = infer(argv) != 0  # a UserError (fp8 on a CPU): one stderr line, exit code 2
+                failed = infer(command) != 0  # a UserError (fp8 on a CPU): one stderr line, exit code 2
             except Exception as error:  # noqa: BLE001 (out of memory, a kernel this GPU lacks): the next format runs
                 print(f"error: {name} {task}: {type(error).__name__}: {error}", file=sys.stderr, flush=True)
                 failed = True
@@ -98,4 +99,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(report_user_errors(main))  # a references file that cannot be read: one line, exit code 2
