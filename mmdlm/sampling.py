@@ -449,12 +449,14 @@ def _predict(run: _Run, logits: torch.Tensor, window: _Window, first: int, end: 
     lo, hi = first - window.logits_from, end - window.logits_from  # [first, end) within the logits
     scores = add_gumbel_noise(logits, config.temperature)[:, lo:hi]  # noise over the whole window, as LLaDA draws it
     logits_in = logits[:, lo:hi]  # [n, end - first, V]
+    # masked_fill over a vocabulary mask, not index_fill: torch 2.11's inductor cannot lower index_fill (#19)
+    vocab = torch.arange(logits.shape[-1], device=logits.device)
     if config.suppress_ids:  # only masked positions are ever committed: the rule may cover them all
-        suppress = torch.tensor(config.suppress_ids, device=logits.device)
-        scores = scores.index_fill(-1, suppress, -torch.inf)
-        logits_in = logits_in.index_fill(-1, suppress, -torch.inf)
+        suppress = torch.isin(vocab, torch.tensor(config.suppress_ids, device=logits.device))
+        scores = scores.masked_fill(suppress, -torch.inf)
+        logits_in = logits_in.masked_fill(suppress, -torch.inf)
     if config.parallel:  # a committed mask id would stay a hole, and the block never fill
-        scores = scores.index_fill(-1, torch.tensor([run.mask_id], device=logits.device), -torch.inf)
+        scores = scores.masked_fill(vocab == run.mask_id, -torch.inf)
     chosen = scores.argmax(-1)  # [n, end - first]
     if config.remasking == "random":
         return chosen, torch.rand(logits.shape[:2], device=logits.device)[:, lo:hi]
