@@ -224,6 +224,22 @@ def test_formats_table_survives_a_failing_format(tmp_path, capsys, monkeypatch):
     assert "error: bf16-int8 qa: RuntimeError: CUDA out of memory" in captured.err
 
 
+def test_formats_unreadable_references_is_one_error_line(tmp_path, capsys, monkeypatch):
+    """A qa.json that is no JSON: one stderr line and exit code 2, before any table or answer is written."""
+    from mmdlm.infer import formats
+
+    world = tmp_path / "world"
+    world.mkdir()
+    (world / "qa.json").write_text('[{"id": "q0", "image"')
+    monkeypatch.setattr(formats, "infer", lambda argv: pytest.fail("answered a set it could not score"))
+    assert formats.report_user_errors(lambda: formats.main(
+        ["--model", "m", "--world", str(world), "--out", str(tmp_path / "a")])) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and not (tmp_path / "a").exists()
+    assert captured.err.startswith(f"error: {world / 'qa.json'}: cannot read the references")
+    assert len(captured.err.splitlines()) == 1
+
+
 def test_batched_requests_equal_requests_run_alone(model_dir, images):
     answerer = Answerer(*load_model(model_dir))
     s = answerer.special
