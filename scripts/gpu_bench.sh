@@ -2,6 +2,9 @@
 # Issue #19's GPU measurements on a machine that has only torch, transformers and timm (a lent GPU box
 # with no package index), in one call:
 #   bash scripts/gpu_bench.sh fetch      # here, once: torchao's wheel into .whl/ (git-ignored), for int8/fp8
+#   bash scripts/gpu_bench.sh preflight  # here, before spending device minutes: the GPU box's torch and
+#                                        # transformers in .venv-gpubox/; the static-path tests, then every
+#                                        # table with the static step compiled on this CPU (inductor)
 #   bash scripts/gpu_bench.sh [TABLES]   # there, from the repository root, with .whl/ (and runs/demo, below)
 # 1. infer/speed.py's tables at LLaDA-8B's shape in bf16 (TABLES: infer/benchmark.py --tables, default all),
 #    each printed as it is measured with its seconds, compilation included;
@@ -20,7 +23,14 @@ if [ "${1:-}" = fetch ]; then  # torchao 0.18 runs on torch >= 2.11; the pin is 
     ls -l .whl
     exit 0
 fi
+if [ "${1:-}" = preflight ]; then  # the versions the device tool lists for the lent H200 box (KINDS.md)
+    [ -x .venv-gpubox/bin/python ] || python3 -m venv .venv-gpubox
+    .venv-gpubox/bin/python -m pip install -q torch==2.11.0 transformers==5.17.0 timm pytest 2>&1 |
+        { grep -v "ignored: it is neither" || true; }
+    PATH="$PWD/.venv-gpubox/bin:$PATH" exec bash "$0" preflight-run
+fi
 tables="${1:-forward,vqa,batch,quant}"
+[ "$tables" = preflight-run ] && tables=forward,vqa,batch,quant
 site=$(mktemp -d)
 out="${OUT:-$site}"
 if compgen -G ".whl/*.whl" >/dev/null; then
@@ -35,6 +45,16 @@ nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,driver_version --format=c
 print('torch', torch.__version__, 'transformers', transformers.__version__, 'mmdlm from', s.__file__)")
 (cd "$site" && python3 -c "import torchao; print('torchao', torchao.__version__)") || echo "no torchao: no int8/fp8 rows"
 
+if [ "${1:-}" = preflight-run ]; then  # the static path compiled here too: what the GPU run compiles, bar CUDA graphs
+    root=$PWD
+    cd "$site"  # where `mmdlm` is the link tree, not the repository's folder of that name
+    python3 -m pytest -q -p no:cacheprovider "$root/tests/test_sampling_static.py" "$root/tests/test_speed_bench.py"
+    python3 -c "import runpy, sys; from mmdlm import sampling; sampling.GRAPH_DEVICES = ('cuda', 'cpu')
+sys.argv = ['$root/infer/benchmark.py', *sys.argv[1:]]; runpy.run_path(sys.argv[0], run_name='__main__')" \
+        --speed --shape small --dtype bfloat16 --repeats 1
+    echo "preflight passed: torch $(python3 -c 'import torch; print(torch.__version__)')"
+    exit 0
+fi
 python3 infer/benchmark.py --speed --shape "${SHAPE:-8b}" --dtype "${DTYPE:-bfloat16}" --tables "$tables" --repeats 5 2>&1 |
     tee "$out/speed_${SHAPE:-8b}.md" || echo "a table failed (its traceback is above); the quality check still runs"
 
