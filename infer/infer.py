@@ -293,6 +293,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--static", action="store_true",
                    help="static shapes: no host sync per step, CUDA graphs on a GPU (the same answers as "
                         "without, up to the compiled kernels' rounding on a GPU)")
+    s.add_argument("--autotune", action="store_true",
+                   help="with --static on a GPU: compile the step with torch.compile's max-autotune (Triton matmuls "
+                        "tuned per shape, which convert int8 weights as they load them) instead of cuBLAS; minutes "
+                        "of tuning per shape")
     s.add_argument("--pad-to", type=int, default=1, metavar="N",
                    help="left-pad each batch's prompts to a multiple of N tokens: with --static on a GPU, batches "
                         "of nearby lengths then share one CUDA graph instead of recording their own (same answers)")
@@ -330,7 +334,8 @@ def sampler_config(args: argparse.Namespace, task: str, answerer: Answerer) -> S
     config = SamplerConfig(**options, confidence=args.confidence, temperature=args.temperature,
                            prefix_dlm=answerer.prefix_dlm, early_stop=not args.no_early_stop, eos_id=special.eos,
                            mask_tail=bool(answerer.sampler_defaults.get("mask_tail")) and not args.no_early_stop,
-                           stop_ids=(special.eot,), static=getattr(args, "static", False)).with_cache(cache)
+                           stop_ids=(special.eot,), static=getattr(args, "static", False),
+                           autotune=getattr(args, "autotune", False)).with_cache(cache)
     try:
         config.validate()
     except ValueError as error:

@@ -18,7 +18,10 @@ tables (`--tables`, in the order given; each prints as soon as it is measured, w
   transformers compiles on a GPU) writing the same number of tokens;
 - batch: answers/s at batch 1, 8 and 64 (static, prefix cache);
 - quant: low-bit weights (`--quantize`): weight memory and ms per later forward, int8 everywhere, fp8 on
-  GPUs of compute capability 8.9+.
+  GPUs of compute capability 8.9+;
+- tuned: bf16 and int8 as in quant, the step compiled with max-autotune (`--autotune`: Triton matmuls,
+  which can convert int8 weights as they load them, where torchao's layer converts the whole weight
+  per call); minutes of tuning on a GPU, so not in the default list.
 Times are medians of `--repeats` runs after a warm-up run (which compiles). Random weights are never
 confident: every forward commits one token (a trained model commits several under the threshold
 rule: the demo model answers in ~2 forwards), so the VQA row is its slowest case; its last row says
@@ -51,7 +54,7 @@ TOWERS = {  # SigLIP-so400m at 384 px (27 x 27 = 729 patches), as LLaDA-V has it
 }
 VOCAB, MASK_ID, EOS_ID, IMAGE_TOKENS, PROMPT_TOKENS = 126464, 126336, 126081, 729, 32
 BATCHES = (1, 8, 64)
-TABLES = ("forward", "vqa", "batch", "quant")
+TABLES = ("forward", "vqa", "batch", "quant", "tuned")  # the default list: all but tuned
 
 
 def random_lm(shape: str, dtype: torch.dtype, device: str) -> DiffusionLM:
@@ -234,13 +237,16 @@ def ar_seconds(shape: str, dtype: torch.dtype, device: str, prompt_tokens: int, 
     return seconds(answer, repeats)
 
 
-def quant_table(lm, base: SamplerConfig, device: str, repeats: int) -> str:
-    config = replace(base.with_cache("prefix"), static=True)
+def quant_table(lm, base: SamplerConfig, device: str, repeats: int, autotune: bool = False) -> str:
+    """Weight memory and ms per later forward of each weight format (static, prefix cache); `autotune`:
+    the `tuned` table, the step compiled with max-autotune (`--autotune`), bf16 and int8 only."""
+    config = replace(base.with_cache("prefix"), static=True, autotune=autotune)
     embeds = prefix(lm, 1)
     kinds = ["none", "int8"]
-    if device == "cuda" and torch.cuda.get_device_capability() >= (8, 9):
+    if device == "cuda" and torch.cuda.get_device_capability() >= (8, 9) and not autotune:
         kinds.append("fp8")
-    lines = ["| weights (static, prefix cache) | LM weight memory | ms per later forward |", "|---|---|---|"]
+    compiled = ", max-autotune" if autotune else ""
+    lines = [f"| weights (static{compiled}, prefix cache) | LM weight memory | ms per later forward |", "|---|---|---|"]
     for kind in kinds:
         model = None
         try:
@@ -286,6 +292,7 @@ def run(args: argparse.Namespace) -> int:
         "vqa": lambda: vqa_table(lm, args.shape, args.gen_length, args.repeats),
         "batch": lambda: batch_table(lm, base, tuple(b for b in BATCHES if b <= args.max_batch), args.repeats),
         "quant": lambda: quant_table(lm, base, args.device, args.repeats),
+        "tuned": lambda: quant_table(lm, base, args.device, args.repeats, autotune=True),
     }
     failed = []
     for name in names:

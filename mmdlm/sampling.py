@@ -61,6 +61,7 @@ Confidence = Literal["probability", "margin", "entropy"]
 Cache = Literal["none", "prefix", "block"]
 CONFIDENCES, CACHES = get_args(Confidence), get_args(Cache)
 GRAPH_DEVICES = ("cuda",)  # where the static path compiles its step (torch.compile, CUDA graphs)
+GRAPH_MODES = {False: "reduce-overhead", True: "max-autotune"}  # torch.compile's mode, by SamplerConfig.autotune
 GRAPH_SHAPES = 4  # per model, the (batch, length) shapes whose step buffers stay allocated between requests
 _GRAPH_BUFFERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> OrderedDict[shape, buffers]
 
@@ -97,6 +98,10 @@ class SamplerConfig:
     # A check reads one bool; a step run past the end is a whole forward wasted (a VQA answer takes ~2 forwards).
     static: bool = False
     check_every: int = 1
+    # Static path on a GPU: compile the step with mode="max-autotune" (Triton matmuls tuned per shape, which
+    # can convert int8 weights as they load them; torchao's int8 layer otherwise converts the whole weight
+    # first) instead of "reduce-overhead" (cuBLAS). Both record CUDA graphs; autotuning adds minutes per shape.
+    autotune: bool = False
 
     @property
     def parallel(self) -> bool:
@@ -133,6 +138,8 @@ class SamplerConfig:
             raise ValueError("early_stop needs eos_id (the token that ends an answer and fills its tail)")
         if self.mask_tail and not self.early_stop:
             raise ValueError("mask_tail leaves the positions after the stop token masked: it needs early_stop")
+        if self.autotune and not self.static:
+            raise ValueError("autotune compiles the static path's step: it needs static")
         if self.check_every < 1:
             raise ValueError(f"check_every={self.check_every} must be at least 1")
         if self.cache == "prefix" and not self.prefix_dlm:
@@ -294,7 +301,7 @@ def generate(
         while _block_open(run, rows, start, end, step, steps_per_block):
             window = _window(run, step, start, end, first)
             # A forward that fills the cache allocates its buffers: it runs eagerly, the steps between replay graphs.
-            step_fn = _step_graph() if graphs and not window.fill_cache else _step
+            step_fn = _step_graph(mode=GRAPH_MODES[config.autotune]) if graphs and not window.fill_cache else _step
             scheduled = None if config.parallel else rows.schedule[:, step]
             if graphs and scheduled is not None:  # own memory: a column's stride (steps per block) would be guarded
                 scheduled = scheduled.clone(memory_format=torch.contiguous_format)

@@ -11,7 +11,9 @@
 # 2. when runs/demo/caption/model and runs/demo/world/test are there (scripts/demo.sh; carry both): the demo
 #    model's test answers in each weight format on this device (infer/formats.py: fp32, bf16, bf16 static =
 #    CUDA graphs, bf16 + int8, bf16 + fp8): VQA accuracy and answers identical to fp32's and to bf16 eager's.
-#    The answers come back in quality.tgz for CIDEr (pycocoevalcap needs Java: score them where it runs).
+#    The answers come back in quality.tgz for CIDEr (pycocoevalcap needs Java: score them where it runs);
+# 3. last (it may not fit in the call): the `tuned` table, bf16 and int8 with the step compiled by
+#    max-autotune (--autotune), with inductor's autotuning choices (Triton or cuBLAS per matmul).
 # Output goes to $OUT/speed_8b.md and $OUT/quality.md as it is printed, when $OUT is set. mmdlm goes on the
 # path as a tree of links (no pip, no build). SHAPE=small DTYPE=float32 (MODEL=, WORLD=): the same run on a CPU.
 set -euo pipefail
@@ -51,7 +53,7 @@ if [ "${1:-}" = preflight-run ]; then  # the static path compiled here too: what
     python3 -m pytest -q -p no:cacheprovider "$root/tests/test_sampling_static.py" "$root/tests/test_speed_bench.py"
     python3 -c "import runpy, sys; from mmdlm import sampling; sampling.GRAPH_DEVICES = ('cuda', 'cpu')
 sys.argv = ['$root/infer/benchmark.py', *sys.argv[1:]]; runpy.run_path(sys.argv[0], run_name='__main__')" \
-        --speed --shape small --dtype bfloat16 --repeats 1
+        --speed --shape small --dtype bfloat16 --repeats 1 --tables forward,vqa,batch,quant,tuned
     echo "preflight passed: torch $(python3 -c 'import torch; print(torch.__version__)')"
     exit 0
 fi
@@ -60,8 +62,14 @@ python3 infer/benchmark.py --speed --shape "${SHAPE:-8b}" --dtype "${DTYPE:-bflo
 
 model=${MODEL:-runs/demo/caption/model}
 world=${WORLD:-runs/demo/world/test}
-[ -d "$model" ] && [ -f "$world/qa.json" ] || { echo "no $model or $world: no quality check"; exit 0; }
-answers=$(mktemp -d)
-python3 infer/formats.py --model "$model" --world "$world" --out "$answers" | tee "$out/quality.md" ||
-    true  # a format that fails has printed its error (stderr) and an empty row
-tar czf "$out/quality.tgz" -C "$answers" .
+if [ -d "$model" ] && [ -f "$world/qa.json" ]; then
+    answers=$(mktemp -d)
+    python3 infer/formats.py --model "$model" --world "$world" --out "$answers" | tee "$out/quality.md" ||
+        true  # a format that fails has printed its error (stderr) and an empty row
+    tar czf "$out/quality.tgz" -C "$answers" .
+else
+    echo "no $model or $world: no quality check"
+fi
+# Last, as it may not finish in the call: bf16 and int8 with the step compiled by max-autotune (--autotune)
+python3 infer/benchmark.py --speed --shape "${SHAPE:-8b}" --dtype "${DTYPE:-bfloat16}" --tables tuned --repeats 5 2>&1 |
+    tee -a "$out/speed_${SHAPE:-8b}.md"

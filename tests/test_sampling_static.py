@@ -191,7 +191,7 @@ def test_the_graph_path_traces_each_step_as_one_graph(monkeypatch):
     torch._dynamo.reset()
     monkeypatch.setattr(sampling, "GRAPH_DEVICES", ("cuda", "cpu"))
     eager_backend = sampling._step_graph("eager", None)
-    monkeypatch.setattr(sampling, "_step_graph", lambda: eager_backend)
+    monkeypatch.setattr(sampling, "_step_graph", lambda **_: eager_backend)
     try:
         for cache, eager in expected.items():
             same_output(eager, generate(model, ids, mask_id=MASK, config=config.with_cache(cache),
@@ -209,7 +209,7 @@ def test_inductor_compiles_the_step_whole(monkeypatch):
     torch._dynamo.reset()
     monkeypatch.setattr(sampling, "GRAPH_DEVICES", ("cuda", "cpu"))
     compiled = sampling._step_graph("inductor", None)
-    monkeypatch.setattr(sampling, "_step_graph", lambda: compiled)
+    monkeypatch.setattr(sampling, "_step_graph", lambda **_: compiled)
     try:
         for _ in range(2):  # compiled, then run again from the compiled code
             same_output(expected, generate(model, ids, mask_id=MASK, config=config, attention_mask=mask))
@@ -237,7 +237,7 @@ def test_every_tensor_the_step_writes_is_a_static_input(monkeypatch, cache):
     torch._dynamo.reset()
     monkeypatch.setattr(sampling, "GRAPH_DEVICES", ("cuda", "cpu"))
     compiled = torch.compile(sampling._step, backend=aot_autograd(fw_compiler=inspect), fullgraph=True)
-    monkeypatch.setattr(sampling, "_step_graph", lambda: compiled)
+    monkeypatch.setattr(sampling, "_step_graph", lambda **_: compiled)
     try:
         generate(model, ids, mask_id=MASK, config=config, attention_mask=mask)
         scheduled = replace(config, threshold=None, steps=16, early_stop=False)  # LLaDA's schedule: another input
@@ -260,7 +260,7 @@ def test_one_graph_serves_every_schedule_and_batch_size(monkeypatch):
     torch._dynamo.reset()
     monkeypatch.setattr(sampling, "GRAPH_DEVICES", ("cuda", "cpu"))
     compiled = torch.compile(sampling._step, backend=count, fullgraph=True)
-    monkeypatch.setattr(sampling, "_step_graph", lambda: compiled)
+    monkeypatch.setattr(sampling, "_step_graph", lambda **_: compiled)
     config = SamplerConfig(gen_length=16, block_length=16, steps=16, static=True).with_cache("prefix")
     try:
         for steps in (16, 8, 4):
@@ -284,7 +284,7 @@ def test_the_graph_path_keeps_its_buffers_from_request_to_request(monkeypatch):
     other_ids = torch.randint(0, 36, ids.shape, generator=torch.Generator().manual_seed(5)) * mask
     expected = [generate(model, i, mask_id=MASK, config=config, attention_mask=mask) for i in (ids, other_ids)]
     monkeypatch.setattr(sampling, "GRAPH_DEVICES", ("cuda", "cpu"))
-    monkeypatch.setattr(sampling, "_step_graph", lambda: sampling._step)  # the graph path's code, run eagerly
+    monkeypatch.setattr(sampling, "_step_graph", lambda **_: sampling._step)  # the graph path's code, run eagerly
 
     def request(prompt):
         canvases = set()
@@ -307,7 +307,7 @@ def test_the_graph_path_keeps_its_buffers_from_request_to_request(monkeypatch):
 def test_the_graph_path_keeps_buffers_for_its_most_recent_shapes(monkeypatch):
     model = tiny()
     monkeypatch.setattr(sampling, "GRAPH_DEVICES", ("cuda", "cpu"))
-    monkeypatch.setattr(sampling, "_step_graph", lambda: sampling._step)
+    monkeypatch.setattr(sampling, "_step_graph", lambda **_: sampling._step)
     config = SamplerConfig(gen_length=8, block_length=8, steps=8, static=True).with_cache("prefix")
     for batch in range(1, sampling.GRAPH_SHAPES + 3):
         generate(model, torch.ones(batch, 3, dtype=torch.long), mask_id=MASK, config=config)
@@ -320,3 +320,21 @@ def test_the_graph_path_keeps_buffers_for_its_most_recent_shapes(monkeypatch):
 def test_check_every_must_be_positive():
     with pytest.raises(ValueError, match="check_every=0 must be at least 1"):
         SamplerConfig(static=True, check_every=0).validate()
+
+
+def test_autotune_compiles_the_step_with_max_autotune(monkeypatch):
+    """--autotune: the same step, its CUDA graphs too, compiled with tuned Triton matmuls instead of cuBLAS."""
+    model = EosBias(tiny(), bias=0.6)
+    ids, mask = ragged_batch()
+    config = SamplerConfig(gen_length=16, block_length=8, threshold=0.3, static=True, **STOP).with_cache("prefix")
+    expected = generate(model, ids, mask_id=MASK, config=config, attention_mask=mask)
+    modes = []
+    monkeypatch.setattr(sampling, "GRAPH_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(sampling, "_step_graph", lambda mode: modes.append(mode) or sampling._step)
+    for autotune in (False, True):
+        same_output(expected, generate(model, ids, mask_id=MASK, config=replace(config, autotune=autotune),
+                                       attention_mask=mask))
+        assert modes and set(modes) == {"max-autotune" if autotune else "reduce-overhead"}
+        modes.clear()
+    with pytest.raises(ValueError, match="autotune compiles the static path's step: it needs static"):
+        replace(config, static=False, autotune=True).validate()

@@ -1,4 +1,4 @@
-"""benchmark.py --speed prints issue #19's four tables; here at a toy shape, vocabulary and prefix."""
+"""benchmark.py --speed prints issue #19's tables; here at a toy shape, vocabulary and prefix."""
 
 import pytest
 
@@ -49,8 +49,23 @@ def test_speed_tables_run_as_chosen(toy_shape, capsys):
     out = capsys.readouterr().out
     assert [line.split(":")[0] for line in out.splitlines() if line.startswith("(")] == ["(batch", "(forward"]
     assert "VQA" not in out and "int8" not in out
-    with pytest.raises(SystemExit, match="no table vqa2; choose from forward,vqa,batch,quant"):
+    with pytest.raises(SystemExit, match="no table vqa2; choose from forward,vqa,batch,quant,tuned"):
         benchmark.main(["--speed", "--tables", "forward,vqa2"])
+
+
+def test_the_tuned_table_compiles_with_max_autotune(toy_shape, capsys, monkeypatch):
+    pytest.importorskip("torchao")
+    from mmdlm import sampling
+
+    modes = []
+    monkeypatch.setattr(sampling, "GRAPH_DEVICES", ("cuda", "cpu"))  # the GPU's path, run eagerly
+    monkeypatch.setattr(sampling, "_step_graph", lambda mode: modes.append(mode) or sampling._step)
+    assert benchmark.main(["--speed", "--gen-length", "4", "--repeats", "1", "--tables", "tuned"]) == 0
+    out = capsys.readouterr().out
+    assert "| weights (static, max-autotune, prefix cache) | LM weight memory | ms per later forward |" in out
+    rows = [line.split(" | ")[0].strip("| ") for line in out.splitlines() if line.startswith("| torch.") or
+            line.startswith("| int8")]
+    assert rows == ["torch.float32", "int8"] and set(modes) == {"max-autotune"}
 
 
 def test_a_failing_row_or_table_costs_only_itself(toy_shape, capsys, monkeypatch):
