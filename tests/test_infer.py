@@ -278,7 +278,8 @@ def test_autotune_reaches_the_compile_and_needs_static(model_dir, images, capsys
 
     question = ["--model", str(model_dir), "--image", str(images / "0.png"), "--question", "hi"]
     assert main([*question, "--autotune"]) == 2
-    assert one_error_line(capsys) == "error: sampling options: autotune compiles the static path's step: it needs static"
+    assert one_error_line(capsys) == ("error: sampling options: autotune compiles the static path's step: "
+                                      "it needs static")
     modes = []
     monkeypatch.setattr(sampling, "GRAPH_DEVICES", ("cuda", "cpu"))  # the GPU's path, run eagerly
     monkeypatch.setattr(sampling, "_step_graph", lambda mode: modes.append(mode) or sampling._step)
