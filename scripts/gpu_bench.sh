@@ -4,7 +4,8 @@
 #   bash scripts/gpu_bench.sh fetch      # here, once: torchao's wheel into .whl/ (git-ignored), for int8/fp8
 #   bash scripts/gpu_bench.sh preflight  # here, before spending device minutes: the GPU box's torch and
 #                                        # transformers in .venv-gpubox/; the static-path tests, then every
-#                                        # table with the static step compiled on this CPU (inductor)
+#                                        # table with the static step (and transformers' Llama) compiled
+#                                        # on this CPU by inductor, as on the GPU bar the CUDA graphs
 #   bash scripts/gpu_bench.sh [TABLES]   # there, from the repository root, with .whl/ (and runs/demo, below)
 # 1. infer/speed.py's tables at LLaDA-8B's shape in bf16 (TABLES: infer/benchmark.py --tables, default all),
 #    each printed as it is measured with its seconds, compilation included;
@@ -51,7 +52,8 @@ if [ "${1:-}" = preflight-run ]; then  # the static path compiled here too: what
     root=$PWD
     cd "$site"  # where `mmdlm` is the link tree, not the repository's folder of that name
     python3 -m pytest -q -p no:cacheprovider "$root/tests/test_sampling_static.py" "$root/tests/test_speed_bench.py"
-    python3 -c "import runpy, sys; from mmdlm import sampling; sampling.GRAPH_DEVICES = ('cuda', 'cpu')
+    python3 -c "import runpy, sys, transformers; from mmdlm import sampling; sampling.GRAPH_DEVICES = ('cuda', 'cpu')
+transformers.GenerationMixin._valid_auto_compile_criteria = lambda *a, **k: True  # the AR baseline compiled too
 sys.argv = ['$root/infer/benchmark.py', *sys.argv[1:]]; runpy.run_path(sys.argv[0], run_name='__main__')" \
         --speed --shape small --dtype bfloat16 --repeats 1 --tables forward,vqa,batch,quant,tuned
     echo "preflight passed: torch $(python3 -c 'import torch; print(torch.__version__)')"
