@@ -247,6 +247,40 @@ def test_every_tensor_the_step_writes_is_a_static_input(monkeypatch, cache):
     assert graphs and all(written and written <= static for written, static in graphs)
 
 
+@pytest.mark.parametrize("quantize", ["none", "int8"])
+def test_no_weight_is_copied_into_the_graph_per_replay(monkeypatch, quantize):
+    """A CUDA graph copies each input not marked static into its own memory at every replay: the weights (int8's
+    data and scales too) must be static, so that only the request's per-row tensors ([B, ...]) are copied."""
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._guards import TracingContext
+
+    if quantize != "none":
+        pytest.importorskip("torchao")
+    from mmdlm.infer.quantize import quantize_lm
+
+    copied = []
+
+    def inspect(gm, example_inputs):
+        static = set(TracingContext.get().fw_metadata.static_input_indices)
+        copied.append([tuple(t.shape) for i, t in enumerate(example_inputs) if torch.is_tensor(t) and i not in static])
+        return gm
+
+    model = EosBias(quantize_lm(tiny(), quantize), bias=0.6)
+    ids, mask = ragged_batch()
+    config = SamplerConfig(gen_length=16, block_length=8, threshold=0.3, static=True, **STOP).with_cache("prefix")
+    torch._dynamo.reset()
+    monkeypatch.setattr(sampling, "GRAPH_DEVICES", ("cuda", "cpu"))
+    compiled = torch.compile(sampling._step, backend=aot_autograd(fw_compiler=inspect), fullgraph=True)
+    monkeypatch.setattr(sampling, "_step_graph", lambda **_: compiled)
+    try:
+        generate(model, ids, mask_id=MASK, config=config, attention_mask=mask)
+    finally:
+        torch._dynamo.reset()
+    B, L = len(ids), ids.shape[1] + config.gen_length
+    request = [(B, L), (B, L), (B,), (B, L), (2,)]  # key mask, position ids, row index, is_prompt, stop ids
+    assert copied == [request, request]  # one graph per block, each copying only these: no weight
+
+
 def test_one_graph_serves_every_schedule_and_batch_size(monkeypatch):
     """Each compile of the step costs tens of seconds on a GPU: a schedule of other steps per block, or another
     batch size after the first, must not cost another (the second batch size marks the batch dynamic)."""
