@@ -217,68 +217,62 @@ def test_inductor_compiles_the_step_whole(monkeypatch):
         torch._dynamo.reset()
 
 
-@pytest.mark.parametrize("cache", ["none", "prefix", "block"])
-def test_every_tensor_the_step_writes_is_a_static_input(monkeypatch, cache):
-    """torch runs a compiled step without CUDA graphs when it mutates an input not marked static: none is here."""
+def compiled_graphs(monkeypatch, model, configs, look) -> list:
+    """Sample the ragged batch under each config with the step compiled whole by AOT autograd; return
+    look(metadata, example inputs) of each functionalised graph, as inductor would receive it."""
     from torch._dynamo.backends.common import aot_autograd
     from torch._guards import TracingContext
 
-    graphs = []
+    seen = []
 
-    def inspect(gm, example_inputs):  # the functionalised forward: which inputs it writes, which are static
-        meta = TracingContext.get().fw_metadata
-        written = {i for i, info in enumerate(meta.input_info) if info.mutates_data or info.mutates_metadata}
-        graphs.append((written, set(meta.static_input_indices)))
+    def inspect(gm, example_inputs):
+        seen.append(look(TracingContext.get().fw_metadata, example_inputs))
         return gm
 
-    model = EosBias(tiny(), bias=0.6)
     ids, mask = ragged_batch()
-    config = SamplerConfig(gen_length=16, block_length=8, threshold=0.3, static=True, **STOP).with_cache(cache)
     torch._dynamo.reset()
     monkeypatch.setattr(sampling, "GRAPH_DEVICES", ("cuda", "cpu"))
     compiled = torch.compile(sampling._step, backend=aot_autograd(fw_compiler=inspect), fullgraph=True)
     monkeypatch.setattr(sampling, "_step_graph", lambda **_: compiled)
     try:
-        generate(model, ids, mask_id=MASK, config=config, attention_mask=mask)
-        scheduled = replace(config, threshold=None, steps=16, early_stop=False)  # LLaDA's schedule: another input
-        generate(model, ids, mask_id=MASK, config=scheduled, attention_mask=mask)
+        for config in configs:
+            generate(model, ids, mask_id=MASK, config=config, attention_mask=mask)
     finally:
         torch._dynamo.reset()
+    return seen
+
+
+@pytest.mark.parametrize("cache", ["none", "prefix", "block"])
+def test_every_tensor_the_step_writes_is_a_static_input(monkeypatch, cache):
+    """torch runs a compiled step without CUDA graphs when it mutates an input not marked static: none is here."""
+
+    def written_and_static(meta, example_inputs):
+        written = {i for i, info in enumerate(meta.input_info) if info.mutates_data or info.mutates_metadata}
+        return written, set(meta.static_input_indices)
+
+    config = SamplerConfig(gen_length=16, block_length=8, threshold=0.3, static=True, **STOP).with_cache(cache)
+    scheduled = replace(config, threshold=None, steps=16, early_stop=False)  # LLaDA's schedule: another input
+    graphs = compiled_graphs(monkeypatch, EosBias(tiny(), bias=0.6), [config, scheduled], written_and_static)
     assert graphs and all(written and written <= static for written, static in graphs)
 
 
 @pytest.mark.parametrize("quantize", ["none", "int8"])
 def test_no_weight_is_copied_into_the_graph_per_replay(monkeypatch, quantize):
     """A CUDA graph copies each input not marked static into its own memory at every replay: the weights (int8's
-    data and scales too) must be static, so that only the request's per-row tensors ([B, ...]) are copied."""
-    from torch._dynamo.backends.common import aot_autograd
-    from torch._guards import TracingContext
-
+    data and scales too) must be static, so that only the request's small tensors are copied."""
     if quantize != "none":
         pytest.importorskip("torchao")
     from mmdlm.infer.quantize import quantize_lm
 
-    copied = []
+    def copied(meta, example_inputs):
+        static = set(meta.static_input_indices)
+        return [tuple(t.shape) for i, t in enumerate(example_inputs) if torch.is_tensor(t) and i not in static]
 
-    def inspect(gm, example_inputs):
-        static = set(TracingContext.get().fw_metadata.static_input_indices)
-        copied.append([tuple(t.shape) for i, t in enumerate(example_inputs) if torch.is_tensor(t) and i not in static])
-        return gm
-
-    model = EosBias(quantize_lm(tiny(), quantize), bias=0.6)
-    ids, mask = ragged_batch()
     config = SamplerConfig(gen_length=16, block_length=8, threshold=0.3, static=True, **STOP).with_cache("prefix")
-    torch._dynamo.reset()
-    monkeypatch.setattr(sampling, "GRAPH_DEVICES", ("cuda", "cpu"))
-    compiled = torch.compile(sampling._step, backend=aot_autograd(fw_compiler=inspect), fullgraph=True)
-    monkeypatch.setattr(sampling, "_step_graph", lambda **_: compiled)
-    try:
-        generate(model, ids, mask_id=MASK, config=config, attention_mask=mask)
-    finally:
-        torch._dynamo.reset()
-    B, L = len(ids), ids.shape[1] + config.gen_length
+    graphs = compiled_graphs(monkeypatch, EosBias(quantize_lm(tiny(), quantize), bias=0.6), [config], copied)
+    B, L = 3, 7 + config.gen_length  # ragged_batch's rows and prompt length, then the canvas
     request = [(B, L), (B, L), (B,), (B, L), (2,)]  # key mask, position ids, row index, is_prompt, stop ids
-    assert copied == [request, request]  # one graph per block, each copying only these: no weight
+    assert graphs == [request, request]  # one graph per block, each copying only these: no weight
 
 
 def test_one_graph_serves_every_schedule_and_batch_size(monkeypatch):
