@@ -457,7 +457,7 @@ def _predict(run: _Run, logits: torch.Tensor, window: _Window, first: int, end: 
     scores = add_gumbel_noise(logits, config.temperature)[:, lo:hi]  # noise over the whole window, as LLaDA draws it
     logits_in = logits[:, lo:hi]  # [n, end - first, V]
     # masked_fill over a vocabulary mask, not index_fill: torch 2.11's inductor cannot lower index_fill (#19)
-    vocab = torch.arange(logits.shape[-1], device=logits.device)
+    vocab = torch.arange(logits.shape[-1], device=logits.device) if config.suppress_ids or config.parallel else None
     if config.suppress_ids:  # only masked positions are ever committed: the rule may cover them all
         suppress = torch.isin(vocab, torch.tensor(config.suppress_ids, device=logits.device))
         scores = scores.masked_fill(suppress, -torch.inf)

@@ -33,7 +33,6 @@ if [ "${1:-}" = preflight ]; then  # the versions the device tool lists for the 
     PATH="$PWD/.venv-gpubox/bin:$PATH" exec bash "$0" preflight-run
 fi
 tables="${1:-forward,vqa,batch,quant}"
-[ "$tables" = preflight-run ] && tables=forward,vqa,batch,quant
 site=$(mktemp -d)
 out="${OUT:-$site}"
 if compgen -G ".whl/*.whl" >/dev/null; then
