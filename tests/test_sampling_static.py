@@ -200,11 +200,19 @@ def test_the_graph_path_traces_each_step_as_one_graph(monkeypatch):
         torch._dynamo.reset()
 
 
-def test_inductor_compiles_the_step_whole(monkeypatch):
+INDUCTOR_CONFIGS = {  # Fast-dLLM's threshold with the prefix cache; LLaDA-V's rules (schedule, banned ids, float64)
+    "threshold": SamplerConfig(gen_length=16, block_length=8, threshold=0.3, static=True, **STOP).with_cache("prefix"),
+    "llada-v": SamplerConfig(gen_length=16, block_length=8, steps=16, static=True, suppress_ids=(1, 2, 5),
+                             float64_confidence=True, **STOP).with_cache("block"),
+}
+
+
+@pytest.mark.parametrize("name", INDUCTOR_CONFIGS)
+def test_inductor_compiles_the_step_whole(monkeypatch, name):
     """What a GPU runs, bar the CUDA graphs: inductor lowers the whole step (fullgraph) and gives the eager tokens."""
     model = EosBias(tiny(), bias=0.6)
     ids, mask = ragged_batch()
-    config = SamplerConfig(gen_length=16, block_length=8, threshold=0.3, static=True, **STOP).with_cache("prefix")
+    config = INDUCTOR_CONFIGS[name]
     expected = generate(model, ids, mask_id=MASK, config=config, attention_mask=mask)
     torch._dynamo.reset()
     monkeypatch.setattr(sampling, "GRAPH_DEVICES", ("cuda", "cpu"))
