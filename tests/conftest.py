@@ -55,3 +55,15 @@ def llada_v_folder(llada_fixtures, tmp_path_factory) -> Path:
     special = json.loads((src / "samples.json").read_text())["ids"]["tiny_special_ids"]
     byte_level_tokenizer(300, special).save_pretrained(str(folder))
     return folder
+
+
+@pytest.fixture
+def graph_path(monkeypatch) -> list[str]:
+    """The static path's GPU code on a CPU (kept buffers, pinned tensors), each step run eagerly instead of
+    compiled; returns the torch.compile modes the sampler asked for, one per step."""
+    from mmdlm import sampling
+
+    modes = []
+    monkeypatch.setattr(sampling, "GRAPH_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(sampling, "_step_graph", lambda mode: modes.append(mode) or sampling._step)
+    return modes

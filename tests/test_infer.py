@@ -273,20 +273,15 @@ def test_padding_prompts_to_a_multiple_changes_no_answer(model_dir, images, stat
         assert [(a.pieces, a.commit_step) for a in padded] == [(a.pieces, a.commit_step) for a in plain]
 
 
-def test_autotune_reaches_the_compile_and_needs_static(model_dir, images, capsys, monkeypatch):
-    from mmdlm import sampling
-
+def test_autotune_reaches_the_compile_and_needs_static(model_dir, images, capsys, graph_path):
     question = ["--model", str(model_dir), "--image", str(images / "0.png"), "--question", "hi"]
     assert main([*question, "--autotune"]) == 2
     assert one_error_line(capsys) == ("error: sampling options: autotune compiles the static path's step: "
                                       "it needs static")
-    modes = []
-    monkeypatch.setattr(sampling, "GRAPH_DEVICES", ("cuda", "cpu"))  # the GPU's path, run eagerly
-    monkeypatch.setattr(sampling, "_step_graph", lambda mode: modes.append(mode) or sampling._step)
     for flags, mode in ((["--static"], "reduce-overhead"), (["--static", "--autotune"], "max-autotune")):
         assert main([*question, *flags]) == 0
-        assert modes and set(modes) == {mode}
-        modes.clear()
+        assert graph_path and set(graph_path) == {mode}
+        graph_path.clear()
 
 
 def test_pad_to_must_be_positive(model_dir, images, capsys):

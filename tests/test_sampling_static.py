@@ -340,10 +340,8 @@ def test_the_graph_path_keeps_its_buffers_from_request_to_request(monkeypatch):
     assert not torch.equal(first.tokens, second.tokens)
 
 
-def test_the_graph_path_keeps_buffers_for_its_most_recent_shapes(monkeypatch):
+def test_the_graph_path_keeps_buffers_for_its_most_recent_shapes(graph_path):
     model = tiny()
-    monkeypatch.setattr(sampling, "GRAPH_DEVICES", ("cuda", "cpu"))
-    monkeypatch.setattr(sampling, "_step_graph", lambda **_: sampling._step)
     config = SamplerConfig(gen_length=8, block_length=8, steps=8, static=True).with_cache("prefix")
     for batch in range(1, sampling.GRAPH_SHAPES + 3):
         generate(model, torch.ones(batch, 3, dtype=torch.long), mask_id=MASK, config=config)

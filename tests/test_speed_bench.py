@@ -53,19 +53,14 @@ def test_speed_tables_run_as_chosen(toy_shape, capsys):
         benchmark.main(["--speed", "--tables", "forward,vqa2"])
 
 
-def test_the_tuned_table_compiles_with_max_autotune(toy_shape, capsys, monkeypatch):
+def test_the_tuned_table_compiles_with_max_autotune(toy_shape, capsys, graph_path):
     pytest.importorskip("torchao")
-    from mmdlm import sampling
-
-    modes = []
-    monkeypatch.setattr(sampling, "GRAPH_DEVICES", ("cuda", "cpu"))  # the GPU's path, run eagerly
-    monkeypatch.setattr(sampling, "_step_graph", lambda mode: modes.append(mode) or sampling._step)
     assert benchmark.main(["--speed", "--gen-length", "4", "--repeats", "1", "--tables", "tuned"]) == 0
     out = capsys.readouterr().out
     assert "| weights (static, max-autotune, prefix cache) | LM weight memory | ms per later forward |" in out
     rows = [line.split(" | ")[0].strip("| ") for line in out.splitlines() if line.startswith("| torch.") or
             line.startswith("| int8")]
-    assert rows == ["torch.float32", "int8"] and set(modes) == {"max-autotune"}
+    assert rows == ["torch.float32", "int8"] and set(graph_path) == {"max-autotune"}
 
 
 def test_a_failing_row_or_table_costs_only_itself(toy_shape, capsys, monkeypatch):
