@@ -47,6 +47,7 @@ class EngineProcess:
         self._outbox: queue.SimpleQueue = queue.SimpleQueue()  # messages for the child, sent by the feeder thread
         self._error: Unavailable | None = None  # set once the child has stopped
         self._closing = False
+        self._reaping = threading.Lock()  # one thread at a time waits for the child (_reap)
         self._waiting = 0  # the child's count of requests not yet started, as of its last message
         self._process = None
 
@@ -108,10 +109,17 @@ class EngineProcess:
                 return
             self._closing = True
         self._outbox.put(("close", None, None))
-        self._process.join(timeout=120)
-        if self._process.is_alive():
+        if self._reap(timeout=120) is None:
             self._process.terminate()
-            self._process.join()
+            self._reap(timeout=None)
+
+    def _reap(self, timeout: float | None) -> int | None:
+        """Wait for the child to exit; return its exit code, None if it still runs. One thread at a time: when
+        two threads wait at once, the one whose waitpid finds the child already reaped takes it for running
+        (multiprocessing's poll): close() once saw an exited child as alive (tests/test_engine.py, flaky)."""
+        with self._reaping:
+            self._process.join(timeout)
+            return self._process.exitcode
 
     def _feed(self) -> None:
         while True:
@@ -152,8 +160,7 @@ class EngineProcess:
                         future.set_exception(payload)
         except (EOFError, OSError):
             pass
-        self._process.join(timeout=10)
-        code = self._process.exitcode
+        code = self._reap(timeout=10)
         with self._lock:
             self._error = Unavailable("the server is shutting down" if self._closing else
                                        f"the model process stopped (exit code {code}): restart mmdlm-serve")
