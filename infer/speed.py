@@ -11,7 +11,9 @@ tables (`--tables`, in the order given; each prints as soon as it is measured, w
   and with the prefix cache (the first forward fills it, the later ones run the canvas only), eager
   and static (`SamplerConfig.static`: CUDA graphs on a GPU), beside the weight-read floor: the LM's
   weight bytes (the embedding table excepted: a forward reads only its rows) over the device's copy
-  bandwidth, measured here;
+  bandwidth, measured here. Every table runs the LM as infer.py loads it, q/k/v and gate/up fused;
+  the forward table's last row runs the static step on the projections as trained (7 matmuls per
+  block, not 4): what the fusion buys;
 - vqa: one VQA request end to end: a 384 px image through a SigLIP-so400m-shaped tower and the
   projector, the prefix, then the answer (threshold 0.9, early stop, prefix cache, static); against
   the same tower followed by a Llama of the same shape from transformers (static KV cache, which
@@ -57,13 +59,15 @@ BATCHES = (1, 8, 64)
 TABLES = ("forward", "vqa", "batch", "quant", "tuned")  # the default list: all but tuned
 
 
-def random_lm(shape: str, dtype: torch.dtype, device: str) -> DiffusionLM:
-    """Return a random-init LM at `shape`, initialised on `device` (8 B parameters: seconds on a GPU)."""
+def random_lm(shape: str, dtype: torch.dtype, device: str, fused: bool = True) -> DiffusionLM:
+    """Return a random-init LM at `shape`, initialised on `device` (8 B parameters: seconds on a GPU), its
+    projections fused as infer.load_model has them (`fused=False`: the same weights, as trained)."""
     torch.manual_seed(0)
     config = DLMConfig(vocab_size=VOCAB, mask_token_id=MASK_ID, rope_theta=500000.0, max_position_embeddings=4096,
                        **SHAPES[shape])
     with torch.device(device):
-        return DiffusionLM(config).eval().to(device, dtype)  # .to: whatever was made elsewhere, too
+        lm = DiffusionLM(config).eval().to(device, dtype)  # .to: whatever was made elsewhere, too
+    return lm.fuse_projections() if fused else lm
 
 
 def prefix(lm: DiffusionLM, batch: int) -> torch.Tensor:
@@ -112,18 +116,24 @@ def forward_ms(lm, embeds: torch.Tensor, config: SamplerConfig, repeats: int) ->
     return forwards, 1000 * answer, 1000 * first, 1000 * (answer - first) / max(forwards - 1, 1)
 
 
-def forward_table(lm, base: SamplerConfig, device: str, repeats: int) -> str:
+def forward_table(lm, base: SamplerConfig, device: str, repeats: int, unfused=None) -> str:
+    """The forward rows on `lm`; with `unfused` (a function returning the same LM unfused), the static row again
+    on it: what fusing q/k/v and gate/up (7 -> 4 matmuls per block) buys."""
     floor_bytes = weight_bytes(lm) - weight_bytes(lm.get_input_embeddings())
     floor_ms = 1000 * floor_bytes / copy_bandwidth(device)
     embeds = prefix(lm, 1)
     lines = [f"weight-read floor: {floor_bytes / 2**30:.2f} GiB of weights per forward = {floor_ms:.2f} ms",
              "| batch 1 | forwards/answer | ms/answer | first forward (ms) | each later forward (ms) | later / floor |",
              "|---|---|---|---|---|---|"]
+    static = replace(base.with_cache("prefix"), static=True)
     # Uncached, a forward runs all 777 positions: arithmetic, not launches, bounds it (no graph for it).
-    for name, config in (("no cache, eager", base), ("prefix cache, eager", base.with_cache("prefix")),
-                         ("prefix cache, static", replace(base.with_cache("prefix"), static=True))):
+    rows = [("no cache, eager", lambda: lm, base), ("prefix cache, eager", lambda: lm, base.with_cache("prefix")),
+            ("prefix cache, static", lambda: lm, static)]
+    if unfused is not None:
+        rows.append(("prefix cache, static, projections unfused", unfused, static))
+    for name, model, config in rows:
         try:
-            forwards, answer, first, later = forward_ms(lm, embeds, config, repeats)
+            forwards, answer, first, later = forward_ms(model(), embeds, config, repeats)
         except Exception as error:  # noqa: BLE001 (the static row's compile, say): the eager rows still count
             lines.append(f"| {name} | failed: {failure(error)} | | | | |")
             continue
@@ -288,7 +298,8 @@ def run(args: argparse.Namespace) -> int:
           f"{args.gen_length}-token answers, one per forward (built in {time.perf_counter() - began:.0f} s)",
           flush=True)
     tables = {
-        "forward": lambda: forward_table(lm, base, args.device, args.repeats),
+        "forward": lambda: forward_table(lm, base, args.device, args.repeats,
+                                         lambda: random_lm(args.shape, dtype, args.device, fused=False)),
         "vqa": lambda: vqa_table(lm, args.shape, args.gen_length, args.repeats),
         "batch": lambda: batch_table(lm, base, tuple(b for b in BATCHES if b <= args.max_batch), args.repeats),
         "quant": lambda: quant_table(lm, base, args.device, args.repeats),

@@ -156,6 +156,14 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return (h * cos + torch.cat([-x2, x1], dim=-1) * sin).to(x.dtype)
 
 
+def fused_linear(*layers: nn.Linear) -> nn.Linear:
+    """Return one bias-free Linear whose output is the given layers' outputs side by side (their weights stacked)."""
+    weight = torch.cat([layer.weight.detach() for layer in layers])
+    fused = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+    fused.weight = nn.Parameter(weight, requires_grad=False)
+    return fused
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: DLMConfig):
         super().__init__()
@@ -165,12 +173,21 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(d, self.n_kv * self.head_dim, bias=False)
         self.v_proj = nn.Linear(d, self.n_kv * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, d, bias=False)
+        self.qkv_proj: nn.Linear | None = None  # fuse(): q, k and v in one matmul, for inference
+
+    def fuse(self) -> None:
+        self.qkv_proj = fused_linear(self.q_proj, self.k_proj, self.v_proj)
+        del self.q_proj, self.k_proj, self.v_proj
 
     def forward(self, x, cos, sin, mask, cache: KVCache | None, layer: int, start: int, fill_cache: bool):
         B, L, _ = x.shape
-        q = self.q_proj(x).view(B, L, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, L, d]
-        k = self.k_proj(x).view(B, L, self.n_kv, self.head_dim).transpose(1, 2)  # [B, Hkv, L, d]
-        v = self.v_proj(x).view(B, L, self.n_kv, self.head_dim).transpose(1, 2)
+        if self.qkv_proj is None:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        else:
+            q, k, v = self.qkv_proj(x).split([self.n_heads * self.head_dim, *2 * [self.n_kv * self.head_dim]], -1)
+        q = q.view(B, L, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, L, d]
+        k = k.view(B, L, self.n_kv, self.head_dim).transpose(1, 2)  # [B, Hkv, L, d]
+        v = v.view(B, L, self.n_kv, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.splice(layer, k, v, start, store=fill_cache)  # [B, Hkv, Lk, d]
@@ -187,9 +204,18 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_up_proj: nn.Linear | None = None  # fuse(): gate and up in one matmul, for inference
+
+    def fuse(self) -> None:
+        self.gate_up_proj = fused_linear(self.gate_proj, self.up_proj)
+        del self.gate_proj, self.up_proj
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up_proj is None:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        else:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class Block(nn.Module):
@@ -255,6 +281,7 @@ class DiffusionLM(PreTrainedModel):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.gradient_checkpointing = False
+        self.fused = False  # fuse_projections()
         self.post_init()
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -289,6 +316,24 @@ class DiffusionLM(PreTrainedModel):
         """
         for block in self.layers:
             block.compile()
+
+    def fuse_projections(self) -> DiffusionLM:
+        """Stack each block's q, k, v weights into one matrix and its gate, up weights into another; in place.
+
+        For inference (`infer.load_model` does it): a forward then runs 4 matmuls per block instead of 7.
+        Each output is the same dot product; the matmul kernel chosen for the wider matrix may round it
+        differently (bit-identical on this project's CPU tests; bf16 at the 8B width differs in the last bit).
+        At batch 1 a GPU forward is bound by reading the weights: fewer, larger matmuls mean fewer kernels
+        and their tails (issue #19; speed.py's forward table measures it). A fused model has no q_proj ...
+        up_proj: it is not for training, LoRA or saving (its state_dict refuses).
+        """
+        if not self.fused:
+            for block in self.layers:
+                block.attn.fuse()
+                block.mlp.fuse()
+            self.register_state_dict_pre_hook(_refuse_fused)
+            self.fused = True
+        return self
 
     def forward(
         self,
@@ -342,6 +387,11 @@ class DiffusionLM(PreTrainedModel):
         else:
             x = x[:, logits_from:]
         return self.lm_head(self.norm(x))
+
+
+def _refuse_fused(module, prefix, keep_vars) -> None:
+    raise RuntimeError("this model's projections are fused for inference (fuse_projections): its weights have no "
+                       "checkpoint layout; load the model again to train or save it")
 
 
 AutoConfig.register(DLMConfig.model_type, DLMConfig)

@@ -395,6 +395,7 @@ def test_the_autoregressive_twin_answers_left_to_right(twin_dir, images, capsys)
 def test_dtype_casts_the_weights_and_answers(model_dir, images, capsys):
     model, _ = load_model(model_dir, dtype="bfloat16")
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert model.lm.fused  # loaded for inference: q/k/v and gate/up one matmul each
     assert main(["--model", str(model_dir), "--image", str(images / "0.png"), "--question", "how many squares",
                  "--dtype", "bfloat16"]) == 0
     assert capsys.readouterr().out.strip()

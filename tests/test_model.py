@@ -163,3 +163,25 @@ def test_save_load_round_trip_is_exact(tmp_path):
     with torch.no_grad():
         assert torch.equal(model(ids), loaded(ids))
     assert loaded.config.num_key_value_heads == 2 and loaded.config.tie_word_embeddings
+
+
+def test_fused_projections_give_the_same_logits_uncached_and_cached():
+    """q/k/v (grouped: 4 query heads, 2 key/value heads) and gate/up as one matmul each: the same logits, with the
+    same parameters; the fused model refuses to be saved in a layout no checkpoint has."""
+    model = tiny()
+    ids = torch.randint(0, 60, (2, 12))
+    fused = tiny().fuse_projections()
+    assert fused.fuse_projections() is fused and fused.num_parameters() == model.num_parameters()
+    assert [name for name, _ in fused.layers[0].named_parameters()] == [
+        "attn_norm.weight", "attn.o_proj.weight", "attn.qkv_proj.weight", "mlp_norm.weight",
+        "mlp.down_proj.weight", "mlp.gate_up_proj.weight"]
+    with torch.no_grad():
+        torch.testing.assert_close(fused(ids), model(ids), atol=1e-6, rtol=0)
+        tails = []
+        for lm in (model, fused):
+            cache = KVCache()
+            lm(ids[:, :7], cache=cache, fill_cache=True)
+            tails.append(lm(ids[:, 7:], cache=cache, start=7))
+    torch.testing.assert_close(tails[1], tails[0], atol=1e-6, rtol=0)
+    with pytest.raises(RuntimeError, match="fused for inference .*load the model again to train or save it"):
+        fused.state_dict()

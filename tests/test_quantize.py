@@ -33,6 +33,17 @@ def test_int8_logits_stay_within_tolerance_of_fp32(llada_fixtures, name):
     assert not torch.equal(logits, reference)  # the weights did change
 
 
+def test_int8_of_fused_projections_is_int8_of_each_projection(llada_fixtures):
+    """One scale per output row: q/k/v (and gate/up) quantised stacked, as inference loads them, keep the scales
+    and the logits they have quantised one by one."""
+    model = load_llada(llada_fixtures / "llada-tiny-gqa")
+    ids = load_file(str(llada_fixtures / "llada-tiny-gqa" / "expected.safetensors"))["ids"]
+    separate = quantize_lm(copy.deepcopy(model), "int8")
+    fused = quantize_lm(copy.deepcopy(model).fuse_projections(), "int8")
+    with torch.no_grad():
+        torch.testing.assert_close(fused(ids), separate(ids), atol=1e-5, rtol=0)
+
+
 def test_int8_stores_a_byte_per_weight_and_a_scale_per_row(llada_fixtures):
     model = load_llada(llada_fixtures / "llada-tiny-gqa")
     before = {name: m.weight.numel() for name, m in model.named_modules() if isinstance(m, nn.Linear)}

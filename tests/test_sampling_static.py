@@ -209,11 +209,12 @@ INDUCTOR_CONFIGS = {  # Fast-dLLM's threshold with the prefix cache; LLaDA-V's r
 
 @pytest.mark.parametrize("name", INDUCTOR_CONFIGS)
 def test_inductor_compiles_the_step_whole(monkeypatch, name):
-    """What a GPU runs, bar the CUDA graphs: inductor lowers the whole step (fullgraph) and gives the eager tokens."""
-    model = EosBias(tiny(), bias=0.6)
+    """What a GPU runs, bar the CUDA graphs: inductor lowers the whole step (fullgraph) of the model as inference
+    loads it (projections fused) and gives the eager tokens of the model as trained."""
     ids, mask = ragged_batch()
     config = INDUCTOR_CONFIGS[name]
-    expected = generate(model, ids, mask_id=MASK, config=config, attention_mask=mask)
+    expected = generate(EosBias(tiny(), bias=0.6), ids, mask_id=MASK, config=config, attention_mask=mask)
+    model = EosBias(tiny().fuse_projections(), bias=0.6)
     torch._dynamo.reset()
     monkeypatch.setattr(sampling, "GRAPH_DEVICES", ("cuda", "cpu"))
     compiled = sampling._step_graph("inductor", None)
@@ -277,7 +278,8 @@ def test_no_weight_is_copied_into_the_graph_per_replay(monkeypatch, quantize):
         return [tuple(t.shape) for i, t in enumerate(example_inputs) if torch.is_tensor(t) and i not in static]
 
     config = SamplerConfig(gen_length=16, block_length=8, threshold=0.3, static=True, **STOP).with_cache("prefix")
-    graphs = compiled_graphs(monkeypatch, EosBias(quantize_lm(tiny(), quantize), bias=0.6), [config], copied)
+    model = EosBias(quantize_lm(tiny().fuse_projections(), quantize), bias=0.6)  # as infer.load_model gives it
+    graphs = compiled_graphs(monkeypatch, model, [config], copied)
     B, L = 3, 7 + config.gen_length  # ragged_batch's rows and prompt length, then the canvas
     request = [(B, L), (B, L), (B,), (B, L), (2,)]  # key mask, position ids, row index, is_prompt, stop ids
     assert graphs == [request, request]  # one graph per block, each copying only these: no weight

@@ -31,6 +31,7 @@ def test_speed_tables_at_a_toy_shape(toy_shape, capsys):
     cells = [[c.strip() for c in line.strip("|").split("|")] for line in out.splitlines() if line.startswith("| ")]
     rows = {name: values for name, *values in cells}
     assert rows["no cache, eager"][0] == rows["prefix cache, static"][0] == "4"  # one token per forward
+    assert rows["prefix cache, static, projections unfused"][0] == "4"  # the same step on the layers as trained
     assert set(rows) >= {"1", "8", "int8"} and "64" not in rows  # --max-batch 8
     vqa = [values for name, values in rows.items() if name.startswith("mmdlm: image -> tower")]
     ar = [values for name, values in rows.items() if name.startswith("autoregressive: the same image work")]
