@@ -268,8 +268,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gen-length", type=int, default=16, help="--llada-v, --speed: answer canvas (one block)")
     p.add_argument("--speed", action="store_true", help="ms/forward, answers/s, AR baseline, low-bit weights")
     p.add_argument("--max-batch", type=int, default=64, help="--speed: the largest of batches 1, 8, 64 to run")
-    p.add_argument("--tables", default="forward,vqa,batch,quant",
-                   help="--speed: which tables, in this order (also: tuned, the max-autotune compile: minutes)")
+    p.add_argument("--tables", help="--speed: which tables, in this order (default: forward,vqa,batch,quant; "
+                                    "also tuned, the max-autotune compile: minutes, and fusion)")
     args = p.parse_args(argv)
     if args.speed:
         from mmdlm.infer.speed import run as speed

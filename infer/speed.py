@@ -12,8 +12,6 @@ tables (`--tables`, in the order given; each prints as soon as it is measured, w
   and static (`SamplerConfig.static`: CUDA graphs on a GPU), beside the weight-read floor: the LM's
   weight bytes (the embedding table excepted: a forward reads only its rows) over the device's copy
   bandwidth, measured here. Every table runs the LM as infer.py loads it, q/k/v and gate/up fused;
-  the forward table's last row runs the static step on the projections as trained (7 matmuls per
-  block, not 4): what the fusion buys;
 - vqa: one VQA request end to end: a 384 px image through a SigLIP-so400m-shaped tower and the
   projector, the prefix, then the answer (threshold 0.9, early stop, prefix cache, static); against
   the same tower followed by a Llama of the same shape from transformers (static KV cache, which
@@ -23,7 +21,10 @@ tables (`--tables`, in the order given; each prints as soon as it is measured, w
   GPUs of compute capability 8.9+;
 - tuned: bf16 and int8 as in quant, the step compiled with max-autotune (`--autotune`: Triton matmuls,
   which can convert int8 weights as they load them, where torchao's layer converts the whole weight
-  per call); minutes of tuning on a GPU, so not in the default list.
+  per call); minutes of tuning on a GPU, so not in the default list;
+- fusion: ms per later forward (batch 1, static, prefix cache) with q/k/v and gate/up fused (4 matmuls
+  per block, as infer.py loads the LM) and as trained (7): what the fusion buys. Not in the default
+  list: a second LM and its compile, for a diagnosis.
 Times are medians of `--repeats` runs after a warm-up run (which compiles). Random weights are never
 confident: every forward commits one token (a trained model commits several under the threshold
 rule: the demo model answers in ~2 forwards), so the VQA row is its slowest case; its last row says
@@ -56,7 +57,8 @@ TOWERS = {  # SigLIP-so400m at 384 px (27 x 27 = 729 patches), as LLaDA-V has it
 }
 VOCAB, MASK_ID, EOS_ID, IMAGE_TOKENS, PROMPT_TOKENS = 126464, 126336, 126081, 729, 32
 BATCHES = (1, 8, 64)
-TABLES = ("forward", "vqa", "batch", "quant", "tuned")  # the default list: all but tuned
+TABLES = ("forward", "vqa", "batch", "quant", "tuned", "fusion")
+DEFAULT_TABLES = ("forward", "vqa", "batch", "quant")  # tuned: minutes of tuning; fusion: a diagnosis
 
 
 def random_lm(shape: str, dtype: torch.dtype, device: str, fused: bool = True) -> DiffusionLM:
@@ -116,28 +118,39 @@ def forward_ms(lm, embeds: torch.Tensor, config: SamplerConfig, repeats: int) ->
     return forwards, 1000 * answer, 1000 * first, 1000 * (answer - first) / max(forwards - 1, 1)
 
 
-def forward_table(lm, base: SamplerConfig, device: str, repeats: int, unfused=None) -> str:
-    """The forward rows on `lm`; with `unfused` (a function returning the same LM unfused), the static row again
-    on it: what fusing q/k/v and gate/up (7 -> 4 matmuls per block) buys."""
+def forward_table(lm, base: SamplerConfig, device: str, repeats: int) -> str:
     floor_bytes = weight_bytes(lm) - weight_bytes(lm.get_input_embeddings())
     floor_ms = 1000 * floor_bytes / copy_bandwidth(device)
     embeds = prefix(lm, 1)
     lines = [f"weight-read floor: {floor_bytes / 2**30:.2f} GiB of weights per forward = {floor_ms:.2f} ms",
              "| batch 1 | forwards/answer | ms/answer | first forward (ms) | each later forward (ms) | later / floor |",
              "|---|---|---|---|---|---|"]
-    static = replace(base.with_cache("prefix"), static=True)
     # Uncached, a forward runs all 777 positions: arithmetic, not launches, bounds it (no graph for it).
-    rows = [("no cache, eager", lambda: lm, base), ("prefix cache, eager", lambda: lm, base.with_cache("prefix")),
-            ("prefix cache, static", lambda: lm, static)]
-    if unfused is not None:
-        rows.append(("prefix cache, static, projections unfused", unfused, static))
-    for name, model, config in rows:
+    for name, config in (("no cache, eager", base), ("prefix cache, eager", base.with_cache("prefix")),
+                         ("prefix cache, static", replace(base.with_cache("prefix"), static=True))):
         try:
-            forwards, answer, first, later = forward_ms(model(), embeds, config, repeats)
+            forwards, answer, first, later = forward_ms(lm, embeds, config, repeats)
         except Exception as error:  # noqa: BLE001 (the static row's compile, say): the eager rows still count
             lines.append(f"| {name} | failed: {failure(error)} | | | | |")
             continue
         lines.append(f"| {name} | {forwards} | {answer:.1f} | {first:.2f} | {later:.2f} | {later / floor_ms:.1f}x |")
+    return "\n".join(lines)
+
+
+def fusion_table(lm, unfused, base: SamplerConfig, repeats: int) -> str:
+    """ms per later forward (batch 1, static, prefix cache) of `lm` as inference loads it, q/k/v and gate/up fused,
+    and of the same LM as trained (`unfused()` builds it): what the fusion buys."""
+    config = replace(base.with_cache("prefix"), static=True)
+    embeds = prefix(lm, 1)
+    lines = ["| projections (batch 1, static, prefix cache) | matmuls per block | ms per later forward |",
+             "|---|---|---|"]
+    for name, matmuls, model in (("fused (as infer.py loads the LM)", 4, lambda: lm), ("as trained", 7, unfused)):
+        try:
+            later = forward_ms(model(), embeds, config, repeats)[3]
+        except Exception as error:  # noqa: BLE001 (a compile that fails): the other row still counts
+            lines.append(f"| {name} | {matmuls} | failed: {failure(error)} |")
+            continue
+        lines.append(f"| {name} | {matmuls} | {later:.2f} |")
     return "\n".join(lines)
 
 
@@ -280,7 +293,7 @@ def quant_table(lm, base: SamplerConfig, device: str, repeats: int, autotune: bo
 
 
 def run(args: argparse.Namespace) -> int:
-    names = args.tables.split(",")
+    names = args.tables.split(",") if args.tables else DEFAULT_TABLES
     if unknown := [name for name in names if name not in TABLES]:
         raise SystemExit(f"--tables: no table {', '.join(unknown)}; choose from {','.join(TABLES)}")
     if args.threads:
@@ -298,12 +311,13 @@ def run(args: argparse.Namespace) -> int:
           f"{args.gen_length}-token answers, one per forward (built in {time.perf_counter() - began:.0f} s)",
           flush=True)
     tables = {
-        "forward": lambda: forward_table(lm, base, args.device, args.repeats,
-                                         lambda: random_lm(args.shape, dtype, args.device, fused=False)),
+        "forward": lambda: forward_table(lm, base, args.device, args.repeats),
         "vqa": lambda: vqa_table(lm, args.shape, args.gen_length, args.repeats),
         "batch": lambda: batch_table(lm, base, tuple(b for b in BATCHES if b <= args.max_batch), args.repeats),
         "quant": lambda: quant_table(lm, base, args.device, args.repeats),
         "tuned": lambda: quant_table(lm, base, args.device, args.repeats, autotune=True),
+        "fusion": lambda: fusion_table(lm, lambda: random_lm(args.shape, dtype, args.device, fused=False), base,
+                                       args.repeats),
     }
     failed = []
     for name in names:

@@ -7,13 +7,14 @@
 #                                        # table with the static step (and transformers' Llama) compiled
 #                                        # on this CPU by inductor, as on the GPU bar the CUDA graphs
 #   bash scripts/gpu_bench.sh [TABLES]   # there, from the repository root, with .whl/ (and runs/demo, below)
-# 1. infer/speed.py's tables at LLaDA-8B's shape in bf16 (TABLES: infer/benchmark.py --tables, default all),
-#    each printed as it is measured with its seconds, compilation included;
+# 1. infer/speed.py's tables at LLaDA-8B's shape in bf16 (TABLES: infer/benchmark.py --tables; by default
+#    forward,vqa,batch,quant), each printed as it is measured with its seconds, compilation included;
 # 2. when runs/demo/caption/model and runs/demo/world/test are there (scripts/demo.sh; carry both): the demo
 #    model's test answers in each weight format on this device (infer/formats.py: fp32, bf16, bf16 static =
 #    CUDA graphs, bf16 + int8, bf16 + fp8): VQA accuracy and answers identical to fp32's and to bf16 eager's.
 #    The answers come back in quality.tgz for CIDEr (pycocoevalcap needs Java: score them where it runs);
-# 3. last (it may not fit in the call): the `tuned` table, bf16 and int8 with the step compiled by
+# 3. last (they may not fit in the call): the `fusion` table (the static step with q/k/v and gate/up fused, as
+#    inference runs it, and as trained), then the `tuned` table, bf16 and int8 with the step compiled by
 #    max-autotune (--autotune), with inductor's autotuning choices (Triton or cuBLAS per matmul).
 # Output goes to $OUT/speed_8b.md and $OUT/quality.md as it is printed, when $OUT is set. mmdlm goes on the
 # path as a tree of links (no pip, no build). SHAPE=small DTYPE=float32 (MODEL=, WORLD=): the same run on a CPU.
@@ -32,7 +33,7 @@ if [ "${1:-}" = preflight ]; then  # the versions the device tool lists for the 
         { grep -v "ignored: it is neither" || true; }
     PATH="$PWD/.venv-gpubox/bin:$PATH" exec bash "$0" preflight-run
 fi
-tables="${1:-forward,vqa,batch,quant}"
+tables=(${1:+--tables "$1"})  # default: benchmark.py's (forward,vqa,batch,quant)
 site=$(mktemp -d)
 out="${OUT:-$site}"
 if compgen -G ".whl/*.whl" >/dev/null; then
@@ -54,11 +55,11 @@ if [ "${1:-}" = preflight-run ]; then  # the static path compiled here too: what
     python3 -c "import runpy, sys, transformers; from mmdlm import sampling; sampling.GRAPH_DEVICES = ('cuda', 'cpu')
 transformers.GenerationMixin._valid_auto_compile_criteria = lambda *a, **k: True  # the AR baseline compiled too
 sys.argv = ['$root/infer/benchmark.py', *sys.argv[1:]]; runpy.run_path(sys.argv[0], run_name='__main__')" \
-        --speed --shape small --dtype bfloat16 --repeats 1 --tables forward,vqa,batch,quant,tuned
+        --speed --shape small --dtype bfloat16 --repeats 1 --tables forward,vqa,batch,quant,tuned,fusion
     echo "preflight passed: torch $(python3 -c 'import torch; print(torch.__version__)')"
     exit 0
 fi
-python3 infer/benchmark.py --speed --shape "${SHAPE:-8b}" --dtype "${DTYPE:-bfloat16}" --tables "$tables" --repeats 5 2>&1 |
+python3 infer/benchmark.py --speed --shape "${SHAPE:-8b}" --dtype "${DTYPE:-bfloat16}" "${tables[@]}" --repeats 5 2>&1 |
     tee "$out/speed_${SHAPE:-8b}.md" || echo "a table failed (its traceback is above); the quality check still runs"
 
 model=${MODEL:-runs/demo/caption/model}
@@ -71,6 +72,8 @@ if [ -d "$model" ] && [ -f "$world/qa.json" ]; then
 else
     echo "no $model or $world: no quality check"
 fi
-# Last, as it may not finish in the call: bf16 and int8 with the step compiled by max-autotune (--autotune)
-python3 infer/benchmark.py --speed --shape "${SHAPE:-8b}" --dtype "${DTYPE:-bfloat16}" --tables tuned --repeats 5 2>&1 |
+# Last, as they may not finish in the call: the step on the projections unfused against fused (fusion), then bf16
+# and int8 with the step compiled by max-autotune (--autotune)
+python3 infer/benchmark.py --speed --shape "${SHAPE:-8b}" --dtype "${DTYPE:-bfloat16}" --tables fusion,tuned \
+    --repeats 5 2>&1 |
     tee -a "$out/speed_${SHAPE:-8b}.md"

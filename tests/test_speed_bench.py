@@ -31,7 +31,6 @@ def test_speed_tables_at_a_toy_shape(toy_shape, capsys):
     cells = [[c.strip() for c in line.strip("|").split("|")] for line in out.splitlines() if line.startswith("| ")]
     rows = {name: values for name, *values in cells}
     assert rows["no cache, eager"][0] == rows["prefix cache, static"][0] == "4"  # one token per forward
-    assert rows["prefix cache, static, projections unfused"][0] == "4"  # the same step on the layers as trained
     assert set(rows) >= {"1", "8", "int8"} and "64" not in rows  # --max-batch 8
     vqa = [values for name, values in rows.items() if name.startswith("mmdlm: image -> tower")]
     ar = [values for name, values in rows.items() if name.startswith("autoregressive: the same image work")]
@@ -50,7 +49,7 @@ def test_speed_tables_run_as_chosen(toy_shape, capsys):
     out = capsys.readouterr().out
     assert [line.split(":")[0] for line in out.splitlines() if line.startswith("(")] == ["(batch", "(forward"]
     assert "VQA" not in out and "int8" not in out
-    with pytest.raises(SystemExit, match="no table vqa2; choose from forward,vqa,batch,quant,tuned"):
+    with pytest.raises(SystemExit, match="no table vqa2; choose from forward,vqa,batch,quant,tuned,fusion"):
         benchmark.main(["--speed", "--tables", "forward,vqa2"])
 
 
@@ -62,6 +61,19 @@ def test_the_tuned_table_compiles_with_max_autotune(toy_shape, capsys, graph_pat
     rows = [line.split(" | ")[0].strip("| ") for line in out.splitlines() if line.startswith("| torch.") or
             line.startswith("| int8")]
     assert rows == ["torch.float32", "int8"] and set(graph_path) == {"max-autotune"}
+
+
+def test_the_fusion_table_runs_the_static_step_fused_and_as_trained(toy_shape, capsys, graph_path, monkeypatch):
+    fused = []
+    real_forward_ms = speed.forward_ms
+    monkeypatch.setattr(speed, "forward_ms", lambda lm, *a: fused.append(lm.fused) or real_forward_ms(lm, *a))
+    assert benchmark.main(["--speed", "--gen-length", "4", "--repeats", "1", "--tables", "fusion"]) == 0
+    out = capsys.readouterr().out
+    assert "| projections (batch 1, static, prefix cache) | matmuls per block | ms per later forward |" in out
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ")[1] for line in out.splitlines()
+            if line.startswith("| fused") or line.startswith("| as trained")}
+    assert rows == {"fused (as infer.py loads the LM)": "4", "as trained": "7"}
+    assert fused == [True, False] and set(graph_path) == {"reduce-overhead"}
 
 
 def test_a_failing_row_or_table_costs_only_itself(toy_shape, capsys, monkeypatch):
