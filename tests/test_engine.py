@@ -180,3 +180,23 @@ def test_an_error_the_parent_could_not_unpickle_crosses_as_its_type_and_message(
     assert portable(plain) is plain
     crossed = portable(TwoArgumentError("tower", "out of memory"))
     assert type(crossed) is RuntimeError and str(crossed) == "TwoArgumentError: tower: out of memory"
+
+
+def test_threads_waiting_for_the_child_at_once_all_see_it_exit():
+    """The reader thread and close() both wait for the child; unguarded, the one whose waitpid finds the child
+    already reaped reads it as running (8 threads: ~1 in 6 waits, measured)."""
+    import multiprocessing
+    import threading
+    import time
+
+    for _ in range(10):
+        engine = EngineProcess("unused")
+        engine._process = multiprocessing.get_context("fork").Process(target=time.sleep, args=(0.05,))
+        engine._process.start()
+        codes = []
+        threads = [threading.Thread(target=lambda e=engine, c=codes: c.append(e._reap(timeout=30))) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert codes == [0] * 8 and not engine._process.is_alive()
