@@ -322,10 +322,10 @@ class DiffusionLM(PreTrainedModel):
 
         For inference (`infer.load_model` does it): a forward then runs 4 matmuls per block instead of 7.
         Each output is the same dot product; the matmul kernel chosen for the wider matrix may round it
-        differently (bit-identical on this project's CPU tests; bf16 at the 8B width differs in the last bit).
-        At batch 1 a GPU forward is bound by reading the weights: fewer, larger matmuls mean fewer kernels
-        and their tails (issue #19; speed.py's forward table measures it). A fused model has no q_proj ...
-        up_proj: it is not for training, LoRA or saving (its state_dict refuses).
+        differently (bit-identical in this project's CPU tests and on the demo model; bf16 logits at the 8B
+        width moved by up to 0.035). At batch 1 a GPU forward is bound by reading the weights: fewer, larger
+        matmuls mean fewer kernels and their tails (issue #19; speed.py's fusion table measures it). A fused
+        model has no q_proj ... up_proj: it is not for training, LoRA or saving (its state_dict refuses).
         """
         if not self.fused:
             for block in self.layers:
