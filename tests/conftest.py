@@ -1,10 +1,28 @@
-"""Shared test helpers: where the LLaDA conformance fixtures live (../shared beside the checkout)."""
+"""Shared test helpers: where the LLaDA conformance fixtures live (../shared beside the checkout); no test may
+leave DeepSpeed's shared-memory buffers behind."""
 
+import os
 from pathlib import Path
 
 import pytest
 
 FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
+
+
+def deepspeed_buffers() -> set[str]:
+    """This user's /dev/shm files from DeepSpeed's CPU all-reduce (66 MB per rank of each run)."""
+    shm = Path("/dev/shm")
+    return {p.name for p in shm.glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*")} if shm.is_dir() else set()
+
+
+@pytest.fixture(autouse=True)
+def no_shared_memory_left():
+    """Every multi-rank run a test launches (train/train.py, killed or not) must remove its ranks' buffers: left
+    there, they fill a machine's RAM run after run. Checked around every test; fails the test that left one."""
+    before = deepspeed_buffers()
+    yield
+    left = deepspeed_buffers() - before
+    assert not left, f"DeepSpeed shared memory left in /dev/shm: {sorted(left)}"
 
 
 @pytest.fixture(scope="session")

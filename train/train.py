@@ -59,6 +59,22 @@ def init_distributed() -> None:
         if hasattr(ds_comm, "build_shm_op"):
             ds_comm.build_shm_op = lambda: None
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    unlink_shared_buffer()
+
+
+def unlink_shared_buffer() -> None:
+    """Remove the name of this rank's /dev/shm buffer (DeepSpeed's CPU all-reduce) once every rank has it mapped.
+
+    Each CPU rank of a one-machine world creates a 66 MB file there, named after the user, MASTER_ADDR,
+    MASTER_PORT and its rank, and DeepSpeed never removes it: a machine that trains or tests again and again
+    fills its RAM with them. Every rank maps all the others' while joining the group, so past a barrier the
+    names can go; the memory stays until the last rank exits, however it exits (SIGKILL included)."""
+    if torch.cuda.is_available() or dist.get_world_size() == 1:
+        return
+    env = os.environ
+    name = f"deepspeed_allreduce_buffer_{os.getuid()}_{env.get('MASTER_ADDR', '')}_{env.get('MASTER_PORT', '')}"
+    dist.barrier()  # every rank has opened every other rank's buffer
+    Path("/dev/shm", f"{name}_{dist.get_rank()}").unlink(missing_ok=True)
 
 
 def loss_of(engine, batch: dict, cfg: TrainConfig, mask_id: int, generator: torch.Generator, step: int = 0):
