@@ -193,6 +193,20 @@ def test_two_ranks_zero3_keep_the_frozen_tower_and_the_export_answers(world, sta
     assert answer(out / "model", world, capsys).endswith("\n")  # infer.py loaded the folder and printed an answer
 
 
+def test_two_ranks_killed_mid_run_leave_no_shared_memory(world, tmp_path):
+    """DeepSpeed's CPU all-reduce files in /dev/shm go when the ranks have joined, not at a clean exit: a run killed
+    in its first steps leaves none (conftest's no_shared_memory_left checks /dev/shm after this test)."""
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(two_ranks(world, out, "max_steps=1000", "save_every=0"), cwd=ROOT, env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 240
+    while not (out / "metrics.jsonl").is_file() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks, mid-training
+    proc.wait()
+    assert (out / "metrics.jsonl").is_file()  # it was training when killed
+
+
 def test_two_nodes_on_loopback_split_the_shards(world, tmp_path):
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("localhost slots=1\n127.0.0.1 slots=1\n")
