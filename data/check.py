@@ -16,7 +16,7 @@ import webdataset as wds
 from mmdlm.data.errors import DataError
 from mmdlm.data.llava import entry_images, entry_name, entry_problems, read_image, read_json_list
 from mmdlm.data.shards import decode_sample, describe, expand_shards
-from mmdlm.data.template import ChatEncoder, place_image_tokens
+from mmdlm.data.template import ChatEncoder, place_image_tokens, with_system_turn
 
 
 @dataclass
@@ -36,13 +36,15 @@ class Report:
 
 
 class LengthCheck:
-    """Measures samples in tokens as the Collator builds them (image runs included)."""
+    """Measures samples in tokens as the Collator builds them (image runs and the model's system turn included)."""
 
-    def __init__(self, tokenizer, max_length: int, num_image_tokens: int):
+    def __init__(self, tokenizer, max_length: int, num_image_tokens: int, system_prompt: str | None = None):
         self.chat, self.max_length, self.num_image_tokens = ChatEncoder(tokenizer), max_length, num_image_tokens
+        self.system_prompt = system_prompt
 
     def conversation(self, conversations: list[dict], num_images: int) -> int:
-        ids = self.chat.encode_conversation(place_image_tokens(conversations, num_images)).ids
+        turns = with_system_turn(place_image_tokens(conversations, num_images), self.system_prompt)
+        ids = self.chat.encode_conversation(turns).ids
         return len(ids) + num_images * (self.num_image_tokens - 1)
 
     def segments(self, segments: list[dict]) -> int:

@@ -9,8 +9,10 @@ check exits 0 when clean, 1 when it found problems, 2 when the input cannot be r
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
+from pathlib import Path
 
 from mmdlm.errors import report_user_errors
 
@@ -44,7 +46,9 @@ def _check(args: argparse.Namespace) -> int:
             return 2
         from mmdlm.data.tokenizer import load_tokenizer
 
-        length = LengthCheck(load_tokenizer(args.tokenizer), args.max_length, args.num_image_tokens)
+        config = Path(args.tokenizer) / "config.json"  # a model folder: its system turn (LLaDA-V's) counts too
+        system = json.loads(config.read_text()).get("system_prompt") if config.is_file() else None
+        length = LengthCheck(load_tokenizer(args.tokenizer), args.max_length, args.num_image_tokens, system)
     reports = check_path(args.path, args.image_folder, length)
     for report in reports:
         print("\n".join(report.lines(args.limit)))
@@ -72,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     check = commands.add_parser("check", help="validate a LLaVA JSON set, a shard set, or a folder of them")
     check.add_argument("path", help="file.json, shard.tar, a brace pattern like docs-{000000..000009}.tar, or a folder")
     check.add_argument("--image-folder", default=None, help="images of a JSON set (default: the JSON's folder)")
-    check.add_argument("--tokenizer", default=None, help="tokenizer folder, to measure lengths")
+    check.add_argument("--tokenizer", default=None,
+                       help="tokenizer or model folder, to measure lengths (a model folder adds its system turn)")
     check.add_argument("--max-length", type=int, default=None, help="flag samples longer than this many tokens")
     check.add_argument("--num-image-tokens", type=int, default=64, help="tokens per image run")
     check.add_argument("--limit", type=int, default=20, help="problem lines to print at most")

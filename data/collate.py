@@ -19,6 +19,9 @@ learns where to stop), and the rest of the row is the mask token, attended but n
 Training then looks like the sampler's canvas (masks after the answer) without making a one-word
 answer 1 of ~50 targets whose other 49 are EOS (LLaDA's padding: the word gets a 50th of the row's
 loss when captions share the batch).
+
+`system_prompt` (a converted LLaDA-V's `config.system_prompt`) opens every conversation that has no
+system turn of its own, as LLaDA-V trains and as `infer.py` prompts.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from PIL import Image
 from transformers import PreTrainedTokenizerFast
 
 from mmdlm.data.errors import DataError, DataWarning
-from mmdlm.data.template import ChatEncoder, expand_image_runs
+from mmdlm.data.template import ChatEncoder, expand_image_runs, with_system_turn
 
 SftPadding = Literal["eos", "mask"]
 SFT_PADDINGS = get_args(SftPadding)
@@ -58,12 +61,14 @@ class Collator:
         pad_to_multiple_of: int | None = None,
         empty_image_size: int = 64,
         sft_padding: SftPadding = "eos",
+        system_prompt: str | None = None,
     ):
         if mode not in ("sft", "pretrain"):
             raise ValueError(f"mode must be 'sft' or 'pretrain', got {mode!r}")
         if sft_padding not in SFT_PADDINGS:
             raise ValueError(f"sft_padding must be one of {SFT_PADDINGS}, got {sft_padding!r}")
         self.sft_padding = sft_padding
+        self.system_prompt = system_prompt  # put before every conversation as its first turn (data/template.py)
         self.chat = ChatEncoder(tokenizer)
         self.special = self.chat.special
         self.image_transform = image_transform
@@ -154,7 +159,7 @@ class Collator:
         if "conversations" in sample:
             images = list(sample.get("images", []))
             runs = [self.run_length(image) for image in images] if callable(self.num_image_tokens) else None
-            encoded = self.encode_conversation(sample["conversations"], runs)
+            encoded = self.encode_conversation(with_system_turn(sample["conversations"], self.system_prompt), runs)
         elif "segments" in sample:
             encoded = self.encode_segments(sample["segments"])
             images = [segment["image"] for segment in sample["segments"] if "image" in segment]

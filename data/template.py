@@ -57,6 +57,14 @@ def conversation_problems(conversations: object) -> list[str]:
     return problems
 
 
+def with_system_turn(conversations: list[dict], system_prompt: str | None) -> list[dict]:
+    """Return the turns after a system turn of `system_prompt` (a converted LLaDA-V's), unless there is none or
+    the conversation opens with its own system turn: LLaDA-V's rule, in training and at inference alike."""
+    if not system_prompt or (conversations and turn_role(conversations[0]) == "system"):
+        return conversations
+    return [{"from": "system", "value": system_prompt}, *conversations]
+
+
 IMAGE_POSITIONS = ("before", "after")
 
 

@@ -29,7 +29,7 @@ from mmdlm.autoregressive import generate_autoregressive
 from mmdlm.data.errors import DataError
 from mmdlm.data.llava import entry_images, entry_name, read_json_list
 from mmdlm.data.synthetic import CAPTION_PROMPT
-from mmdlm.data.template import ChatEncoder, expand_image_runs, place_image_tokens, turn_role
+from mmdlm.data.template import ChatEncoder, expand_image_runs, place_image_tokens, turn_role, with_system_turn
 from mmdlm.data.tokenizer import load_tokenizer, special_ids
 from mmdlm.errors import UserError, report_user_errors
 from mmdlm.infer.quantize import QUANTIZE, quantize_lm
@@ -188,8 +188,7 @@ class Answerer:
         """Return the chat-templated prompt (after the model's system turn, if any) with each image expanded to
         its run of placeholder ids."""
         turns = place_image_tokens(turns, len(images), self.image_position)
-        if self.system_prompt and turn_role(turns[0]) != "system":
-            turns = [{"from": "system", "value": self.system_prompt}, *turns]
+        turns = with_system_turn(turns, self.system_prompt)
         runs = [self.model.image_tokens(image.size) for image in images]
         return expand_image_runs(self.chat.encode_prompt(turns), self.special.image, runs)
 

@@ -46,6 +46,57 @@ def test_prompt_and_answer_equal_llada_v(converted, llada_v_folder, spec, k):
     assert answer.forward_passes == 8
 
 
+@pytest.mark.parametrize("k", [0, 1])
+def test_fine_tuning_prompts_are_llada_v_s_and_infer_s(converted, llada_v_folder, spec, k):
+    """A training sample starts with exactly LLaDA-V's prompt ids (its system turn first), which infer.py gives
+    too; a conversation with its own system turn keeps that one alone."""
+    from pathlib import Path
+
+    from mmdlm.data.collate import Collator
+    from mmdlm.data.tokenizer import load_tokenizer
+    from mmdlm.multimodal import MMDLM
+    from mmdlm.train.config import load_train_config
+    from mmdlm.train.train import make_collator
+
+    sample = spec["samples"][k]
+    cfg = load_train_config(Path(__file__).resolve().parents[1] / "configs/train/finetune.yaml",
+                            [f"init_from={converted}", "data.json=[train.json]", "data.max_length=512"])
+    model, tokenizer = MMDLM.from_pretrained(converted), load_tokenizer(converted)
+    collator = make_collator(cfg, tokenizer, model)  # as train.py makes it
+    image = load_image(llada_v_folder / sample["image"])
+    run = [model.config.image_token_id] * sample["num_image_feature_tokens"]
+    want = [t for token in sample["input_ids"] for t in (run if token == -200 else [token])]
+    turns = [{"from": "human", "value": sample["question"]}, {"from": "gpt", "value": "A shape."}]
+    batch = collator([{"images": [image], "conversations": turns}])
+    assert batch["input_ids"][0, : len(want)].tolist() == want and batch["prompt_length"].tolist() == [len(want)]
+    own = [{"from": "system", "value": "Answer in one word."}, *turns]
+    plain = Collator(tokenizer, model.image_transform(), model.image_tokens, 512)  # no system prompt of its own
+    assert torch.equal(collator([{"images": [image], "conversations": own}])["input_ids"],
+                       plain([{"images": [image], "conversations": own}])["input_ids"])
+
+
+def test_data_check_counts_a_model_folder_s_system_turn(converted, llada_v_folder, tmp_path, capsys):
+    import shutil
+
+    from mmdlm.data.check import LengthCheck
+    from mmdlm.data.cli import main as data_main
+    from mmdlm.data.tokenizer import load_tokenizer
+    from mmdlm.llada_v import SYSTEM_PROMPT
+
+    shutil.copy(llada_v_folder / "image_a.png", tmp_path / "image_a.png")
+    turns = [{"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "A box."}]
+    (tmp_path / "train.json").write_text(json.dumps([{"id": "0", "image": "image_a.png", "conversations": turns}]))
+    tokenizer = load_tokenizer(converted)
+    tokenizer.save_pretrained(tmp_path / "tokenizer")  # the same tokenizer, no model config beside it
+    plain = LengthCheck(tokenizer, 0, 9).conversation(turns, 1)
+    full = LengthCheck(tokenizer, 0, 9, SYSTEM_PROMPT).conversation(turns, 1)
+    assert full > plain
+    check = ["check", str(tmp_path / "train.json"), "--max-length", str(plain), "--num-image-tokens", "9"]
+    assert data_main([*check, "--tokenizer", str(tmp_path / "tokenizer")]) == 0
+    assert data_main([*check, "--tokenizer", str(converted)]) == 1  # the system turn makes it too long
+    assert f"over-long: {full} tokens > max_length {plain}" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("options", [
     [], ["--threshold", "0", "--steps", "8", "--gen-length", "8", "--no-early-stop"], ["--cache", "prefix"],
     ["--cache", "block"], ["--factor", "2"], ["--confidence", "margin"], ["--temperature", "0.5"],
@@ -94,7 +145,7 @@ def test_fine_tune_converted_model(converted, llada_v_folder, tmp_path):
     root = Path(__file__).resolve().parents[1]
     before = load_file(str(converted / "model.safetensors"))
     for name, extra in [("full", [])]:
-        sets = [f"init_from={converted}", f"data.json=[{tmp_path / 'train.json'}]", "data.max_length=256",
+        sets = [f"init_from={converted}", f"data.json=[{tmp_path / 'train.json'}]", "data.max_length=512",
                 "max_steps=2", "save_every=0", "micro_batch_size=4", f"output_dir={tmp_path / name}",
                     "trainable=[projector,lm]", *extra]  # the README's advice: keep a pretrained SigLIP frozen
         cmd = [sys.executable, "-m", "mmdlm.train", "--config", "configs/train/finetune.yaml"]

@@ -77,6 +77,15 @@ def unlink_shared_buffer() -> None:
     Path("/dev/shm", f"{name}_{dist.get_rank()}").unlink(missing_ok=True)
 
 
+def make_collator(cfg: TrainConfig, tokenizer, model: MMDLM) -> Collator:
+    """Return the collator that makes this model's batches: its image transform and run lengths, and its system
+    turn (a converted LLaDA-V's) before every conversation, so that a training prompt is the one infer.py gives."""
+    runs = model.num_image_tokens if model.anyres is None else model.image_tokens  # per image size with anyres
+    return Collator(tokenizer, model.image_transform(), runs, cfg.data.max_length,
+                    mode="sft" if cfg.data.json else "pretrain", sft_padding=cfg.data.sft_padding,
+                    system_prompt=getattr(model.config, "system_prompt", None))
+
+
 def loss_of(engine, batch: dict, cfg: TrainConfig, mask_id: int, generator: torch.Generator, step: int = 0):
     """Return (loss, t [B] or None, per-sequence loss [B] or None) for one micro-batch at optimizer step `step`."""
     model: MMDLM = engine.module
@@ -197,10 +206,7 @@ def setup(cfg: TrainConfig, resume: bool) -> Run:
     if resume and rank == 0:
         print(f"resuming at step {state.step}" if state.step else f"no complete checkpoint in {ckpt_dir}: "
               "starting at step 0", flush=True)
-    runs = model.num_image_tokens if model.anyres is None else model.image_tokens  # per image size with anyres
-    collator = Collator(tokenizer, model.image_transform(), runs, cfg.data.max_length,
-                        mode="sft" if cfg.data.json else "pretrain", sft_padding=cfg.data.sft_padding)
-    batches = iter(build_loader(cfg, collator, rank, world, state))
+    batches = iter(build_loader(cfg, make_collator(cfg, tokenizer, model), rank, world, state))
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "train_config.json").write_text(json.dumps(to_dict(cfg), indent=1))
