@@ -58,7 +58,8 @@ def test_resume_on_another_number_of_ranks_keeps_the_data_position(world, tmp_pa
     if zero == 3:  # partition every tensor, the tiny ones too, so that re-partitioning is real
         config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
     ds.write_text(json.dumps(config))
-    common = [f"deepspeed={ds}", f"data.json=[{qa}]", f"data.image_folder={world / 'train'}", "data.on_error=skip"]
+    common = [f"deepspeed={ds}", f"data.json=[{qa}]", f"data.image_folder={world / 'train'}", "data.on_error=skip",
+              "optim.lr_multipliers={projector: 0.5}"]  # two optimizer groups with their own lr each
     # The same 8 samples per optimizer step on either world: 2 ranks x 4, or 1 rank x 4 x 2 micro-batches.
     first = run(two_ranks(world, out, *common, "max_steps=2"))
     one = run(single(world, out, *common, "max_steps=4", "grad_accum=2") + ["--resume"])
@@ -84,6 +85,10 @@ def test_resume_on_another_number_of_ranks_keeps_the_data_position(world, tmp_pa
     # The schedule went on where it stopped (scheduler state restored across both conversions).
     cfg = load_config(TrainConfig, ROOT / "configs/train/demo_sft.yaml", ["optim.warmup_steps=10"])
     assert [r["lr"] for r in records] == pytest.approx([cfg.optim.lr * lr_lambda(cfg)(s) for s in range(6)])
+    # Each group its own lr, the steps right after either resume too (ZeRO-3's universal load overwrites them).
+    for s, r in enumerate(records):
+        lr = cfg.optim.lr * lr_lambda(cfg)(s)
+        assert r["lr_by_module"] == pytest.approx({"projector": 0.5 * lr, "lm": lr}), r["step"]
     # data.on_error=skip: each broken entry named once (rank 0 only), both counted in every metrics line.
     for name in ("broken-missing-image: image 'images/nope.png' not found", "broken-no-answer: conversation has no"):
         assert first.stderr.count(name) == 1, first.stderr[-3000:]

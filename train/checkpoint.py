@@ -12,7 +12,9 @@ Resuming on another number of ranks goes through DeepSpeed's universal checkpoin
 the folder once (`step_<N>/universal`, with its own COMPLETE marker), every rank loads it with
 `load_universal`, and ZeRO re-partitions weights and optimizer state for the new world. The data
 position is world-independent (train/loader.py); each rank's RNG is restored when it had a file,
-else seeded from (seed, rank, step).
+else seeded from (seed, rank, step). ZeRO-3's universal load copies the first optimizer group's
+hyperparameters to every group (the tower's 0.2x lr onto the LM, and its name): `resume` gives each
+group back its own, with the lr the restored scheduler set.
 """
 
 from __future__ import annotations
@@ -175,10 +177,14 @@ def resume(engine, path: Path) -> TrainState:
     """Load checkpoint `path` (from prepare_resume) into the engine and this rank's RNG; return the position."""
     rank = dist.get_rank()
     universal = saved_world(path) != dist.get_world_size()
+    groups = [{k: v for k, v in group.items() if k != "params"} for group in engine.optimizer.param_groups]
     loaded, _ = engine.load_checkpoint(str(path), tag="universal") if universal else \
         engine.load_checkpoint(str(path.parent), tag=path.name)
     if loaded is None:
         raise ConfigError(f"{path}: DeepSpeed could not load this checkpoint (see its log above)")
+    if universal:  # ZeRO-3's universal load gives every group the first group's lr and name: put back each its own
+        for group, own, lr in zip(engine.optimizer.param_groups, groups, engine.lr_scheduler.get_last_lr()):
+            group.update(own, lr=lr)
     mine = path / f"rank{rank}_state.pt"
     if not universal and not mine.is_file():
         raise ConfigError(f"{path}: no state file for rank {rank}: resume on a file system every node sees")
