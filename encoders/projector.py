@@ -15,6 +15,7 @@ of an any-resolution image's merged grid (encoders/anyres.py does the merging).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -70,7 +71,15 @@ class Projector(nn.Module):
                               "(with vision.use_cls=true the class token breaks the grid)")
         return self.grid**2 if self.grid else math.ceil(side / self.pool) ** 2
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
+    def forward(self, features: torch.Tensor, merge: Callable | None = None) -> torch.Tensor:
+        """Return the tokens; with `merge` (spatial_unpad), merge(tokens, image_newline) instead.
+
+        The newline is read here, inside the forward, because ZeRO-3 gathers a module's parameters
+        only while its forward runs: read from outside, it is an empty placeholder."""
+        out = self._project(features)
+        return out if merge is None else merge(out, self.image_newline)
+
+    def _project(self, features: torch.Tensor) -> torch.Tensor:
         if self.pool > 1 or self.grid:
             N, T, C = features.shape
             side = math.isqrt(T)

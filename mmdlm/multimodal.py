@@ -106,26 +106,26 @@ class MMDLM(PreTrainedModel):
             blank = torch.zeros(1, 3, *self.vision.input_size, device=pixel_values.device, dtype=self.dtype)
             tower_training = self.vision.training
             self.vision.eval()  # the blank image must not move BatchNorm's running statistics
-            try:
-                tokens = self.projector(self.vision(blank))  # [1, T, D]
-                if self.anyres is not None:  # the newline too, so that every parameter runs every step
-                    tokens = tokens + 0.0 * self.projector.image_newline
-                return tokens[:0]  # [0, T, D], still in the autograd graph
+            try:  # with any resolution the newline too, so that every parameter runs every step
+                touch = None if self.anyres is None else lambda tokens, newline: tokens + 0.0 * newline
+                return self.projector(self.vision(blank), touch)[:0]  # [0, T, D], still in the autograd graph
             finally:
                 self.vision.train(tower_training)
         tower = self.vision if self.tower_cache is None else lambda pixels: self.tower_cache(self.vision, pixels)
-        features = self.projector(tower(pixel_values))  # [views, T, D]
         if self.anyres is None:
-            return features
+            return self.projector(tower(pixel_values))  # [N, T, D]
         if image_sizes is None:
             raise ValueError("any-resolution images need image_sizes [N, 2] (width, height) beside pixel_values")
         sizes = [tuple(size) for size in image_sizes.tolist()]
         views = [self.anyres.num_crops(size) for size in sizes]
-        if sum(views) != features.shape[0]:
-            raise ValueError(f"pixel_values holds {features.shape[0]} views, the image sizes call for {views}")
-        parts = features.split(views)
-        return torch.cat([self.anyres.merge(part, size, self.projector.image_newline)
-                          for part, size in zip(parts, sizes)])
+        if sum(views) != pixel_values.shape[0]:
+            raise ValueError(f"pixel_values holds {pixel_values.shape[0]} views, the image sizes call for {views}")
+
+        def merge(features: torch.Tensor, newline: torch.Tensor) -> torch.Tensor:  # [views, T, D] -> [sum runs, D]
+            parts = features.split(views)
+            return torch.cat([self.anyres.merge(part, size, newline) for part, size in zip(parts, sizes)])
+
+        return self.projector(tower(pixel_values), merge)
 
     def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
               image_features: torch.Tensor | None = None, image_sizes: torch.Tensor | None = None) -> torch.Tensor:
