@@ -22,7 +22,7 @@ from mmdlm.train.loader import ResumableBatchSampler, advance, start_position, t
 from mmdlm.train.metrics import MetricsLog, NonFiniteGuard, TrainingDiverged
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ["align", "pretrain", "sft", "finetune", "demo_sft", "demo_caption", "demo_tower_caption"]
+STAGES = ["align", "pretrain", "sft", "finetune", "finetune_llada_v", "demo_sft", "demo_caption", "demo_tower_caption"]
 
 
 def tiny_model() -> MMDLM:
@@ -109,7 +109,7 @@ def test_stage_configs_load_and_differ_only_in_data_and_modules(stage):
     cfg.validate()
     expected = {"align": ["projector"], "demo_sft": ["projector", "lm"], "demo_caption": ["projector", "lm"],
                 "pretrain": ["projector", "lm"], "sft": ["vision", "projector", "lm"],
-                "finetune": ["vision", "projector", "lm"]}
+                "finetune": ["vision", "projector", "lm"], "finetune_llada_v": ["projector", "lm"]}
     if stage in expected:
         assert cfg.trainable == expected[stage]
     assert bool(cfg.data.shards) == (stage == "pretrain")
