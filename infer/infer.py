@@ -2,7 +2,7 @@
 
     python infer/infer.py --model DIR --image a.jpg --question "What colour is the circle?"
     python infer/infer.py --model DIR --image a.jpg --caption --show-steps steps.gif
-    python infer/infer.py --model DIR --input qa.json --output answers.jsonl
+    python infer/infer.py --model DIR --input qa.json --output answers.jsonl [--resume]  # --resume: after a kill
     python infer/infer.py --model DIR --image a.jpg --question "..." --template "It is <mask><mask>."
     python infer/infer.py --model DIR --input qa.json --static --quantize int8   # fixed shapes, int8 weights
 
@@ -277,6 +277,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", help="image file for --question / --caption")
     p.add_argument("--image-folder", help="folder of the --input entries' image paths (default: the file's folder)")
     p.add_argument("--output", help="JSON-lines answers for --input (default: print them)")
+    p.add_argument("--resume", action="store_true",
+                   help="with --output: keep the answers already there and answer only the other entries "
+                        "(after a crash or a kill; every batch's answers are flushed as it finishes)")
     p.add_argument("--task", choices=["vqa", "caption"], help="which defaults to use (default: from the request)")
     p.add_argument("--template", help="answer template: fixed text with <mask> holes to fill, e.g. 'It is <mask>.'")
     s = p.add_argument_group("sampling (defaults per task: vqa 16/16/threshold 0.9, caption 64/32/threshold 0.9)")
@@ -369,6 +372,13 @@ def run(args: argparse.Namespace) -> int:
         raise InferError(f"--show-steps {args.show_steps}: give a .png or .gif path, or no path to print the steps")
     if args.pad_to < 1:
         raise InferError(f"--pad-to {args.pad_to}: give at least 1")
+    if args.resume and not (args.input and args.output):
+        raise InferError("--resume continues an --input run into its --output file: give both")
+    done = answered_ids(Path(args.output)) if args.resume else set()
+    if done:
+        print(f"resuming: {sum(r['id'] in done for r in requests)} of {len(requests)} entries already answered in "
+              f"{args.output}", file=sys.stderr)
+        requests = [r for r in requests if r["id"] not in done]
     model, tokenizer = load_model(args.model, args.device, args.dtype)
     quantize_lm(model.lm, args.quantize)
     answerer = Answerer(model, tokenizer)
@@ -381,7 +391,7 @@ def run(args: argparse.Namespace) -> int:
         config.gen_length = config.block_length = canvas.shape[1]
         config.steps, config.early_stop, config.mask_tail = holes, False, False
     try:
-        out_file = open(args.output, "w", encoding="utf-8") if args.output else None  # noqa: SIM115
+        out_file = open(args.output, "a" if args.resume else "w", encoding="utf-8") if args.output else None  # noqa: SIM115
     except OSError as error:
         raise InferError(f"--output {args.output}: cannot write ({error.strerror})") from error
     # leave=False: after an error, its one line is not left behind a half-drawn bar
@@ -399,8 +409,31 @@ def run(args: argparse.Namespace) -> int:
                     print(result.text if args.input is None else f"{request['id']}\t{result.text}")
                 if args.show_steps is not None and request is requests[0]:
                     show_steps(args.show_steps, result)
+            if out_file is not None:
+                out_file.flush()  # a crash or a kill loses at most the batch in progress (--resume)
             bar.update(len(batch))
     return 0
+
+
+def answered_ids(path: Path) -> set[str]:
+    """Return the ids an earlier run wrote to `path` (none if it does not exist), cutting off a last line that a
+    kill left half-written; InferError for a line inside that is not one of infer.py's answers."""
+    if not path.is_file():
+        return set()
+    data = path.read_bytes()
+    ids, end = set(), 0
+    for number, line in enumerate(data.splitlines(keepends=True), 1):
+        if not line.endswith(b"\n"):
+            break  # the line being written when the run stopped
+        try:
+            ids.add(str(json.loads(line)["id"]))
+        except (ValueError, KeyError, TypeError):
+            raise InferError(f"--resume: line {number} of {path} is not an answer written by infer.py") from None
+        end += len(line)
+    if end < len(data):
+        with path.open("r+b") as file:
+            file.truncate(end)
+    return ids
 
 
 def answer_batch(answerer: Answerer, batch: list[dict], config: SamplerConfig, canvas) -> tuple[list[Answer], float]:

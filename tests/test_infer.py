@@ -162,6 +162,54 @@ def test_llava_file_in_batches_then_evaluate(model_dir, images, tmp_path, capsys
     assert capsys.readouterr().out.startswith("vqa: ")
 
 
+def test_a_killed_run_resumes_where_it_stopped(model_dir, images, tmp_path, capsys, monkeypatch):
+    from mmdlm.infer import infer
+
+    entries = [{"id": f"q{k}", "image": f"{k % 3}.png", "conversations": [
+        {"from": "human", "value": "<image>\n" + "what colour is the circle?" * (k % 2 + 1)}]} for k in range(5)]
+    qa = tmp_path / "qa.json"
+    qa.write_text(json.dumps(entries))
+    run = ["--model", str(model_dir), "--input", str(qa), "--image-folder", str(images), "--batch-size", "2"]
+    straight, out = tmp_path / "straight.jsonl", tmp_path / "answers.jsonl"
+    assert main([*run, "--output", str(straight)]) == 0
+    batches, on_disk, answer_batch = [], [], infer.answer_batch
+
+    def dies_in_the_second_batch(answerer, batch, config, canvas):
+        batches.append([r["id"] for r in batch])
+        if len(batches) == 2:
+            on_disk.append(out.read_text())  # what a SIGKILL here would leave: the first batch, flushed
+            with out.open("a") as file:
+                file.write('{"id": "q2", "answ')  # the kill came in the middle of a line
+            raise RuntimeError("killed")
+        return answer_batch(answerer, batch, config, canvas)
+
+    monkeypatch.setattr(infer, "answer_batch", dies_in_the_second_batch)
+    with pytest.raises(RuntimeError, match="killed"):
+        main([*run, "--output", str(out)])
+    assert [json.loads(line)["id"] for line in on_disk[0].splitlines()] == ["q0", "q1"]
+    monkeypatch.setattr(infer, "answer_batch", answer_batch)
+    capsys.readouterr()
+    assert main([*run, "--output", str(out), "--resume"]) == 0
+    assert "resuming: 2 of 5 entries already answered" in capsys.readouterr().err
+    keep = ("id", "answer", "forward_passes", "tokens_per_forward")
+    rows = [{k: json.loads(line)[k] for k in keep} for line in out.read_text().splitlines()]
+    assert rows == [{k: json.loads(line)[k] for k in keep} for line in straight.read_text().splitlines()]
+    assert main([*run, "--output", str(out), "--resume"]) == 0  # nothing left to answer: the file as it was
+    assert [{k: json.loads(line)[k] for k in keep} for line in out.read_text().splitlines()] == rows
+
+
+def test_resume_needs_an_output_of_answers(model_dir, images, tmp_path, capsys):
+    qa = tmp_path / "qa.json"
+    qa.write_text(json.dumps([{"id": "a", "image": "0.png", "conversations": [{"from": "human", "value": "hi"}]}]))
+    run = ["--model", str(model_dir), "--input", str(qa), "--image-folder", str(images), "--resume"]
+    assert main(run) == 2 and "--resume continues an --input run into its --output file" in one_error_line(capsys)
+    other = tmp_path / "notes.txt"
+    other.write_text("my notes\nmore\n")
+    assert main([*run, "--output", str(other)]) == 2
+    assert f"line 1 of {other} is not an answer written by infer.py" in one_error_line(capsys)
+    assert other.read_text() == "my notes\nmore\n"  # left as it was
+
+
 def test_formats_table(model_dir, images, tmp_path, capsys):
     """infer/formats.py: every format's answers saved and compared; one the machine cannot run leaves its row empty."""
     from mmdlm.infer import formats
