@@ -9,10 +9,12 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import sys
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
+from tqdm import tqdm
 
 from mmdlm.config import ConfigError
 from mmdlm.errors import report_user_errors
@@ -96,7 +98,7 @@ def _read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
     if not files:
         raise ConfigError(f"{folder}: no model*.safetensors weights (LLaDA checkpoints ship safetensors shards)")
     state: dict[str, torch.Tensor] = {}
-    for f in files:
+    for f in tqdm(files, desc="reading shards", unit="shard", file=sys.stderr, leave=False):
         state.update(load_file(str(f)))
     return state
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from tqdm import tqdm
 
 from mmdlm.data.errors import DataError
 
@@ -213,7 +214,7 @@ def convert(src: str | Path, dst: str | Path, args: argparse.Namespace) -> int:
     dtype = getattr(torch, args.dtype)
     dst.mkdir(parents=True, exist_ok=True)
     weight_map, total = {}, 0
-    for k, path in enumerate(files):
+    for k, path in enumerate(tqdm(files, desc="converting shards", unit="shard", file=sys.stderr, leave=False)):
         with safe_open(str(path), framework="pt") as f:
             out = {name: f.get_tensor(key).to(dtype).contiguous()
                    for key in f.keys() if (name := map_key(key)) is not None}  # noqa: SIM118 (not a dict)
