@@ -181,6 +181,9 @@ def main(argv: list[str] | None = None) -> int:
                 result[f"{metric}[{kind}]"] = score(subset, references, metric)[metric]
         for name, value in result.items():
             print(f"{name}: {value:.2f}")
+        if len(predictions) < len(references):  # a run that stopped early scores a subset: say so
+            print(f"note: {len(predictions)} of the {len(references)} questions answered; the scores are over "
+                  "those (infer.py --resume answers the rest)", file=sys.stderr)
         return 0
 
     return report_user_errors(run)

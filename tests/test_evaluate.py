@@ -61,7 +61,12 @@ def test_command_scores_files_and_rejects_bad_ones(tmp_path, capsys):
     preds = tmp_path / "answers.jsonl"
     preds.write_text(json.dumps({"id": "q1", "answer": "2"}) + "\n" + json.dumps({"id": "q2", "answer": "blue"}) + "\n")
     assert main(["--predictions", str(preds), "--references", str(refs)]) == 0
-    assert capsys.readouterr().out.strip() == "vqa: 50.00"
+    captured = capsys.readouterr()
+    assert captured.out.strip() == "vqa: 50.00" and captured.err == ""
+    preds.write_text(json.dumps({"id": "q2", "answer": "red"}) + "\n")  # a run that stopped after one question
+    assert main(["--predictions", str(preds), "--references", str(refs)]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.strip() == "vqa: 100.00" and "note: 1 of the 2 questions answered" in captured.err
     preds.write_text('{"id": "q1"}\n')
     assert main(["--predictions", str(preds), "--references", str(refs)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
