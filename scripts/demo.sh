@@ -3,7 +3,8 @@
 #   1. draw the demo world (scenes, VQA pairs, captions, shards, tokenizer)
 #   2. train the tiny model: tower (per-cell labels), SFT on the questions (projector + LM; no align
 #      stage, whose projector, aligned to a random LM, slowed SFT down: see configs/train/demo_sft.yaml),
-#      then captions (configs/train/demo_caption.yaml); the demo model is runs/demo/caption/model
+#      then captions (configs/train/demo_caption.yaml); the demo model is runs/demo/caption/model, and
+#      runs/demo/curves.png shows the training curves (mmdlm-plot)
 #   3. evaluate VQA accuracy and caption CIDEr on the held-out test split
 #   4. draw a fresh scene, answer a question about it and describe it with infer.py
 # Creates the virtual environment first when it is missing. Outputs go to runs/demo/.
@@ -30,6 +31,7 @@ if [ "${MMDLM_DEMO_CAPTIONS:-1}" != 0 ]; then
     mmdlm-train --config configs/train/demo_caption.yaml
     model="$out/caption/model" tasks="qa captions"
 fi
+mmdlm-plot "$out/sft" $([ "$tasks" = qa ] || echo "$out/caption") -o "$out/curves.png"  # loss, lr, grad norm
 
 say "3/4 evaluation on the held-out test split"
 for task in $tasks; do
