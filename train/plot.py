@@ -127,7 +127,11 @@ def main(argv: list[str] | None = None) -> int:
             name = path.name if path.is_dir() else path.parent.name
             runs[name if name not in runs else str(path)] = read_metrics(path)
         out = Path(args.output) if args.output else (paths[0] if paths[0].is_dir() else paths[0].parent) / "curves.png"
-        plot(runs, args.window).savefig(out, dpi=100)
+        fig = plot(runs, args.window)
+        fig.savefig(out, dpi=100)
+        import matplotlib.pyplot as plt  # (plot() imported it, on the Agg backend)
+
+        plt.close(fig)  # pyplot keeps every figure until it is closed: a caller may plot again
         print(f"training curves: {out}")
         return 0
 
