@@ -376,9 +376,10 @@ def run(args: argparse.Namespace) -> int:
         raise InferError("--resume continues an --input run into its --output file: give both")
     done = answered_ids(Path(args.output)) if args.resume else set()
     if done:
-        print(f"resuming: {sum(r['id'] in done for r in requests)} of {len(requests)} entries already answered in "
-              f"{args.output}", file=sys.stderr)
-        requests = [r for r in requests if r["id"] not in done]
+        todo = [r for r in requests if r["id"] not in done]
+        print(f"resuming: {len(requests) - len(todo)} of {len(requests)} entries already answered in {args.output}",
+              file=sys.stderr)
+        requests = todo
     model, tokenizer = load_model(args.model, args.device, args.dtype)
     quantize_lm(model.lm, args.quantize)
     answerer = Answerer(model, tokenizer)

@@ -9,13 +9,12 @@ runs share the axes, one colour each, to compare them. A step logged twice count
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 from pathlib import Path
 
 from mmdlm.errors import UserError, report_user_errors
-
-T_QUARTERS = ("t < 0.25", "0.25-0.5", "0.5-0.75", "t >= 0.75")
 
 
 class PlotError(UserError):
@@ -77,11 +76,12 @@ def plot(runs: dict[str, list[dict]], window: int = 0):
         loss = [r.get("loss") for r in records]
         loss_ax.plot(steps, loss, color=colour, alpha=0.25, linewidth=0.7)
         loss_ax.plot(steps, moving_average(loss, smooth), color=colour, label=name)
-        for quarter, style in enumerate(("-", "--", "-.", ":")):
-            values = [(r.get("loss_by_t") or [None] * 4)[quarter] for r in records]
+        buckets = max(len(r.get("loss_by_t") or []) for r in records)  # train/metrics.py's T_BUCKETS
+        for bucket, style in zip(range(buckets), itertools.cycle(("-", "--", "-.", ":"))):
+            values = [(r.get("loss_by_t") or [None] * buckets)[bucket] for r in records]
             if any(v is not None for v in values):
                 by_t_ax.plot(steps, moving_average(values, smooth), color=colour, linestyle=style,
-                             label=f"{name}: {T_QUARTERS[quarter]}")
+                             label=f"{name}: t {bucket / buckets:.2f}-{(bucket + 1) / buckets:.2f}")
         modules = sorted({m for r in records for m in (r.get("lr_by_module") or {})})
         for module, style in zip(modules, ("-", "--", ":", "-.")):
             lr_ax.plot(steps, [(r.get("lr_by_module") or {}).get(module) for r in records], color=colour,
