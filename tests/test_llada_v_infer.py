@@ -22,6 +22,12 @@ def spec(llada_v_folder):
     return json.loads((llada_v_folder / "samples.json").read_text())
 
 
+def llada_v_prompt(sample: dict, image_id: int) -> list[int]:
+    """Return LLaDA-V's prompt ids of a fixture sample with its image (-200) expanded to a run of `image_id`."""
+    run = [image_id] * sample["num_image_feature_tokens"]
+    return [t for token in sample["input_ids"] for t in (run if token == -200 else [token])]
+
+
 def test_ids_come_from_the_tokenizer(converted):
     config = json.loads((converted / "config.json").read_text())
     assert config["sampler"]["suppress_ids"] == [291, 290, 293, 294]  # EOS, BOS, <|start/end_header_id|>
@@ -35,8 +41,7 @@ def test_prompt_and_answer_equal_llada_v(converted, llada_v_folder, spec, k):
     answerer = Answerer(*load_model(converted))
     image = load_image(llada_v_folder / sample["image"])
     turns = [{"from": "human", "value": sample["question"]}]
-    run = [answerer.special.image] * sample["num_image_feature_tokens"]
-    want = [t for token in sample["input_ids"] for t in (run if token == -200 else [token])]
+    want = llada_v_prompt(sample, answerer.special.image)
     assert answerer.prompt_ids(turns, [image]) == want  # system turn, chat template, image run: LLaDA-V's
     s = answerer.special
     vanilla = SamplerConfig(gen_length=8, block_length=8, steps=8, eos_id=s.eos, stop_ids=(s.eot,),
@@ -64,8 +69,7 @@ def test_fine_tuning_prompts_are_llada_v_s_and_infer_s(converted, llada_v_folder
     model, tokenizer = MMDLM.from_pretrained(converted), load_tokenizer(converted)
     collator = make_collator(cfg, tokenizer, model)  # as train.py makes it
     image = load_image(llada_v_folder / sample["image"])
-    run = [model.config.image_token_id] * sample["num_image_feature_tokens"]
-    want = [t for token in sample["input_ids"] for t in (run if token == -200 else [token])]
+    want = llada_v_prompt(sample, model.config.image_token_id)
     turns = [{"from": "human", "value": sample["question"]}, {"from": "gpt", "value": "A shape."}]
     batch = collator([{"images": [image], "conversations": turns}])
     assert batch["input_ids"][0, : len(want)].tolist() == want and batch["prompt_length"].tolist() == [len(want)]

@@ -109,6 +109,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 240) -> None:
+    """Return once `path` exists, or `proc` ended, or `timeout` seconds passed (the caller asserts which)."""
+    deadline = time.time() + timeout
+    while not path.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+
+
 def answer(model_dir: Path, world: Path, capsys) -> str:
     from mmdlm.infer.infer import main as infer_main
 
@@ -129,9 +136,7 @@ def test_resume_after_sigkill_is_exact(world, tmp_path):
     proc = subprocess.Popen(single(world, broken, "max_steps=1000"), cwd=ROOT, env=ENV,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     marker = broken / "checkpoints" / "step_0000002" / "COMPLETE"
-    deadline = time.time() + 240
-    while not marker.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
+    wait_for(marker, proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert marker.exists()
@@ -199,9 +204,7 @@ def test_two_ranks_killed_mid_run_leave_no_shared_memory(world, tmp_path):
     out = tmp_path / "killed"
     proc = subprocess.Popen(two_ranks(world, out, "max_steps=1000", "save_every=0"), cwd=ROOT, env=ENV,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 240
-    while not (out / "metrics.jsonl").is_file() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
+    wait_for(out / "metrics.jsonl", proc)
     os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks, mid-training
     proc.wait()
     assert (out / "metrics.jsonl").is_file()  # it was training when killed
