@@ -1,6 +1,7 @@
 """train/plot.py: a run's metrics.jsonl drawn as curves (one image, several runs on the same axes)."""
 
 import json
+import sys
 
 from PIL import Image
 
@@ -47,11 +48,23 @@ def test_a_folder_without_metrics_is_one_error_line(tmp_path, capsys):
     assert main([str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"error: {tmp_path}: no metrics.jsonl (pass a training output_dir or its metrics.jsonl)"]
+    (tmp_path / "metrics.jsonl").write_text("")
+    assert main([str(tmp_path)]) == 2
+    assert "metrics.jsonl: no steps logged yet" in capsys.readouterr().err
     (tmp_path / "metrics.jsonl").write_text('{"step": 1}\nnot json\n')
     assert main([str(tmp_path)]) == 2
     assert "metrics.jsonl line 2: not a metrics record" in capsys.readouterr().err
+    assert main([str(tmp_path), "--window", "-1"]) == 2
+    assert "--window -1: give 0 (automatic) or more" in capsys.readouterr().err
 
 
 def test_moving_average_skips_missing_values():
     assert moving_average([None, 1.0, None, 3.0, 5.0], 2) == [None, 1.0, 1.0, 2.0, 4.0]
     assert moving_average([2.0, 4.0], 1) == [2.0, 4.0]
+
+
+def test_without_matplotlib_the_error_names_the_extra(tmp_path, capsys, monkeypatch):
+    run = write(tmp_path / "run", [record(1, 1.0)])
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
+    assert main([str(run)]) == 2
+    assert "drawing the curves needs matplotlib: pip install -e '.[eval]'" in capsys.readouterr().err
