@@ -8,13 +8,14 @@ samples longer than max_length. Unlike the loaders it never stops at the first p
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import webdataset as wds
 
 from mmdlm.data.errors import DataError
-from mmdlm.data.llava import entry_images, entry_name, entry_problems, read_image, read_json_list
+from mmdlm.data.llava import entry_images, entry_name, entry_problems, read_image, read_json_list, repeated_id
 from mmdlm.data.shards import decode_sample, describe, expand_shards
 from mmdlm.data.template import ChatEncoder, place_image_tokens, with_system_turn
 
@@ -36,33 +37,47 @@ class Report:
 
 
 class LengthCheck:
-    """Measures samples in tokens as the Collator builds them (image runs and the model's system turn included)."""
+    """Measures samples in tokens as the Collator builds them (image runs and the model's system turn included).
 
-    def __init__(self, tokenizer, max_length: int, num_image_tokens: int, system_prompt: str | None = None):
+    `num_image_tokens` is one run length, or a function of an image's (width, height) for any-resolution models.
+    """
+
+    def __init__(self, tokenizer, max_length: int, num_image_tokens: int | Callable[[tuple[int, int]], int],
+                 system_prompt: str | None = None):
         self.chat, self.max_length, self.num_image_tokens = ChatEncoder(tokenizer), max_length, num_image_tokens
         self.system_prompt = system_prompt
 
-    def conversation(self, conversations: list[dict], num_images: int) -> int:
-        turns = with_system_turn(place_image_tokens(conversations, num_images), self.system_prompt)
-        ids = self.chat.encode_conversation(turns).ids
-        return len(ids) + num_images * (self.num_image_tokens - 1)
+    def run(self, size: tuple[int, int]) -> int:
+        return self.num_image_tokens(size) if callable(self.num_image_tokens) else self.num_image_tokens
+
+    def conversation(self, conversations: list[dict], sizes: list[tuple[int, int]]) -> tuple[int, int]:
+        """Return (the sample's length, its first question's prompt length) for images of these sizes."""
+        turns = with_system_turn(place_image_tokens(conversations, len(sizes)), self.system_prompt)
+        conv = self.chat.encode_conversation(turns)
+        extra = [self.run(size) - 1 for size in sizes]  # each placeholder becomes a run
+        first = conv.is_answer.index(True) if True in conv.is_answer else len(conv.ids)
+        before = conv.ids[:first].count(self.chat.special.image)
+        return len(conv.ids) + sum(extra), first + sum(extra[:before])
 
     def segments(self, segments: list[dict]) -> int:
         text = sum(len(self.chat.text_ids(s["text"])) for s in segments if "text" in s)
-        return 2 + text + self.num_image_tokens * sum("image" in s for s in segments)  # + BOS and EOS
+        return 2 + text + sum(self.run(s["image"].size) for s in segments if "image" in s)  # + BOS and EOS
 
-    def problem(self, length: int) -> str | None:
+    def problem(self, length: int, prompt: int = 0) -> str | None:
+        if prompt >= self.max_length:
+            return (f"over-long: the prompt alone is {prompt} tokens, no room for an answer within max_length "
+                    f"{self.max_length} (training stops on it, or skips it with data.on_error=skip)")
         if length <= self.max_length:
             return None
         return f"over-long: {length} tokens > max_length {self.max_length} (trailing turns/text would be dropped)"
 
 
-def _image_problem(path: Path) -> str | None:
+def _read_image(path: Path) -> tuple[str | None, tuple[int, int] | None]:
+    """Return (why the image cannot be used or None, its (width, height) or None)."""
     try:
-        read_image(path)
+        return None, read_image(path).size
     except DataError as error:
-        return str(error)
-    return None
+        return str(error), None
 
 
 def check_llava(json_path: str | Path, image_folder: str | Path | None = None, length: LengthCheck | None = None):
@@ -70,10 +85,10 @@ def check_llava(json_path: str | Path, image_folder: str | Path | None = None, l
     json_path = Path(json_path)
     folder = Path(image_folder) if image_folder is not None else json_path.parent
     report = Report(f"{json_path} (LLaVA JSON, images under {folder})")
-    entries = read_json_list(json_path)
+    entries, seen = read_json_list(json_path), {}
     for index, entry in enumerate(entries):
         name = entry_name(json_path, entry, index)
-        problems = entry_problems(entry, folder)
+        problems = entry_problems(entry, folder) + [repeated_id(seen, entry, index)]
         report.counts["entries"] += 1
         if isinstance(entry, dict) and isinstance(entry.get("conversations"), list):
             report.counts["turns"] += len(entry["conversations"])
@@ -83,12 +98,13 @@ def check_llava(json_path: str | Path, image_folder: str | Path | None = None, l
             paths = []
         report.counts["images"] += len(paths)
         report.counts["text-only"] += not paths
+        sizes = []
         for path in paths:
-            problem = _image_problem(folder / path) if (folder / path).is_file() else None
-            if problem:
-                problems.append(f"image '{path}' {problem}")
-        if not problems and length is not None:
-            problems.append(length.problem(length.conversation(entry["conversations"], len(paths))))
+            problem, size = _read_image(folder / path) if (folder / path).is_file() else (None, None)
+            problems.append(problem and f"image '{path}' {problem}")
+            sizes.append(size)
+        if not any(problems) and length is not None:
+            problems.append(length.problem(*length.conversation(entry["conversations"], sizes)))
         report.problems += [f"{name}: {p}" for p in problems if p]
     return report
 

@@ -12,6 +12,7 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from mmdlm.errors import report_user_errors
@@ -36,6 +37,22 @@ def _synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def model_runs(folder: Path) -> tuple[int | Callable[[tuple[int, int]], int] | None, str | None]:
+    """Return (image run length, system prompt) of a model folder: what its collator and infer.py use (the run
+    length is a function of the image's size for any-resolution models); (None, None) for a tokenizer folder."""
+    config = folder / "config.json"
+    if not config.is_file() or json.loads(config.read_text()).get("model_type") != "mmdlm":
+        return None, None
+    import torch
+
+    from mmdlm.multimodal import MMDLM
+
+    with torch.device("meta"):  # the shapes only: no weights read, no memory
+        model = MMDLM(MMDLM.config_class.from_pretrained(folder))
+    runs = model.num_image_tokens if model.anyres is None else model.image_tokens
+    return runs, model.config.system_prompt
+
+
 def _check(args: argparse.Namespace) -> int:
     from mmdlm.data.check import LengthCheck, check_path
 
@@ -46,9 +63,9 @@ def _check(args: argparse.Namespace) -> int:
             return 2
         from mmdlm.data.tokenizer import load_tokenizer
 
-        config = Path(args.tokenizer) / "config.json"  # a model folder: its system turn (LLaDA-V's) counts too
-        system = json.loads(config.read_text()).get("system_prompt") if config.is_file() else None
-        length = LengthCheck(load_tokenizer(args.tokenizer), args.max_length, args.num_image_tokens, system)
+        runs, system = model_runs(Path(args.tokenizer))
+        runs = args.num_image_tokens or runs or 64
+        length = LengthCheck(load_tokenizer(args.tokenizer), args.max_length, runs, system)
     reports = check_path(args.path, args.image_folder, length)
     for report in reports:
         print("\n".join(report.lines(args.limit)))
@@ -79,7 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--tokenizer", default=None,
                        help="tokenizer or model folder, to measure lengths (a model folder adds its system turn)")
     check.add_argument("--max-length", type=int, default=None, help="flag samples longer than this many tokens")
-    check.add_argument("--num-image-tokens", type=int, default=64, help="tokens per image run")
+    check.add_argument("--num-image-tokens", type=int, default=None,
+                       help="tokens per image run (default: the --tokenizer model folder's, else 64)")
     check.add_argument("--limit", type=int, default=20, help="problem lines to print at most")
     check.set_defaults(run=_check)
     return parser

@@ -22,6 +22,10 @@ loss when captions share the batch).
 
 `system_prompt` (a converted LLaDA-V's `config.system_prompt`) opens every conversation that has no
 system turn of its own, as LLaDA-V trains and as `infer.py` prompts.
+
+`on_error` is `data.on_error` for conversations that cannot be encoded (a prompt too long to leave
+room for an answer within max_length): "stop" raises, "skip" drops the sample with a warning and
+counts it. A document that cannot be encoded is always skipped, as broken shard samples are.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ import torch
 from PIL import Image
 from transformers import PreTrainedTokenizerFast
 
-from mmdlm.data.errors import DataError, DataWarning
+from mmdlm.data.errors import ON_ERROR, DataError, DataWarning, OnError
 from mmdlm.data.template import ChatEncoder, expand_image_runs, with_system_turn
 
 SftPadding = Literal["eos", "mask"]
@@ -62,12 +66,16 @@ class Collator:
         empty_image_size: int = 64,
         sft_padding: SftPadding = "eos",
         system_prompt: str | None = None,
+        on_error: OnError = "skip",
     ):
         if mode not in ("sft", "pretrain"):
             raise ValueError(f"mode must be 'sft' or 'pretrain', got {mode!r}")
         if sft_padding not in SFT_PADDINGS:
             raise ValueError(f"sft_padding must be one of {SFT_PADDINGS}, got {sft_padding!r}")
+        if on_error not in ON_ERROR:
+            raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
         self.sft_padding = sft_padding
+        self.on_error = on_error
         self.system_prompt = system_prompt  # put before every conversation as its first turn (data/template.py)
         self.chat = ChatEncoder(tokenizer)
         self.special = self.chat.special
@@ -194,6 +202,8 @@ class Collator:
             try:
                 item, kept = self.encode(sample)
             except DataError as error:
+                if self.on_error == "stop" and "conversations" in sample:
+                    raise DataError(f"sample id={sample.get('id', '?')}: {error}") from None
                 self.skipped += 1
                 warnings.warn(f"sample id={sample.get('id', '?')} skipped: {error}", DataWarning, 2)
                 continue

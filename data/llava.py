@@ -43,6 +43,21 @@ def entry_name(json_path: Path, entry: object, index: int) -> str:
     return f"{json_path.name} entry id={entry['id']}" if has_id else f"{json_path.name} entry #{index} (no id)"
 
 
+def entry_id(entry: object, index: int) -> str:
+    """Return the id answers and scores are matched by: the entry's "id", else its position in the file."""
+    return str(entry["id"]) if isinstance(entry, dict) and "id" in entry else str(index)
+
+
+def repeated_id(seen: dict[str, int], entry: object, index: int) -> str | None:
+    """Record the entry's id in `seen` (id -> first position); return the problem when an earlier entry has it."""
+    key = entry_id(entry, index)
+    first = seen.setdefault(key, index)
+    if first == index:
+        return None
+    return (f"id {key!r} is also entry #{first}'s: answers are matched to questions by id (evaluate.py, "
+            "infer.py --resume), so each entry needs its own")
+
+
 def entry_images(entry: dict) -> list[str]:
     """Return the entry's image paths: `image` as a string, a list of strings, or absent (text-only)."""
     image = entry.get("image")
@@ -133,6 +148,6 @@ class LlavaDataset(Dataset):
                     raise DataError(message) from error
                 warnings.warn(f"skipped {message}", DataWarning, 2)
                 return None
-        sample_id = str(entry.get("id", position))
+        sample_id = entry_id(entry, position)
         conversations = place_image_tokens(entry["conversations"], len(paths))
         return {"id": sample_id, "images": images, "conversations": conversations}

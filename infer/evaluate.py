@@ -19,6 +19,7 @@ import re
 import sys
 from pathlib import Path
 
+from mmdlm.data.llava import entry_id, entry_name, repeated_id
 from mmdlm.errors import UserError, report_user_errors
 
 # Punctuation the VQA normaliser removes; "." and "'" are handled apart (decimals, contractions).
@@ -123,22 +124,25 @@ def load_references(path: str | Path) -> dict[str, list[str]]:
         raise EvalError(f"{path}: cannot read the references ({error})") from error
     if not isinstance(entries, list):
         raise EvalError(f"{path}: the top level must be a list of LLaVA entries")
-    out = {}
+    out, seen = {}, {}
     for index, entry in enumerate(entries):
+        repeated = repeated_id(seen, entry, index)
+        if repeated:
+            raise EvalError(f"{entry_name(path, entry, index)}: {repeated}")
         answers = entry.get("answers") if isinstance(entry, dict) else None
         if answers is None and isinstance(entry, dict):
             turns = [t.get("value") for t in entry.get("conversations", []) if t.get("from") in ("gpt", "assistant")]
             answers = turns[-1:]
         if not answers or not all(isinstance(a, str) for a in answers):
-            raise EvalError(f"{path} entry #{index}: no reference answer ('answers' list or a gpt turn)")
-        out[str(entry.get("id", index))] = list(answers)
+            raise EvalError(f"{entry_name(path, entry, index)}: no reference answer ('answers' list or a gpt turn)")
+        out[entry_id(entry, index)] = list(answers)
     return out
 
 
 def load_types(path: str | Path) -> dict[str, str]:
     """Return {id: question_type} for the entries of a LLaVA JSON set that carry one (the demo world's do)."""
     entries = json.loads(Path(path).read_text(encoding="utf-8"))
-    return {str(e.get("id", i)): str(e["question_type"]) for i, e in enumerate(entries) if "question_type" in e}
+    return {entry_id(e, i): str(e["question_type"]) for i, e in enumerate(entries) if "question_type" in e}
 
 
 def load_predictions(path: str | Path) -> dict[str, str]:
@@ -154,9 +158,12 @@ def load_predictions(path: str | Path) -> dict[str, str]:
             continue
         try:
             row = json.loads(line)
-            out[str(row["id"])] = str(row["answer"])
+            key, answer = str(row["id"]), str(row["answer"])
         except (json.JSONDecodeError, KeyError, TypeError) as error:
             raise EvalError(f"{path} line {number}: expected a JSON object with 'id' and 'answer' ({error})") from error
+        if key in out:
+            raise EvalError(f"{path} line {number}: a second answer for id {key!r}; keep one answer per question")
+        out[key] = answer
     return out
 
 

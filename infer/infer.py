@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from mmdlm.autoregressive import generate_autoregressive
 from mmdlm.data.errors import DataError
-from mmdlm.data.llava import entry_images, entry_name, read_json_list
+from mmdlm.data.llava import entry_id, entry_images, entry_name, read_json_list, repeated_id
 from mmdlm.data.synthetic import CAPTION_PROMPT
 from mmdlm.data.template import ChatEncoder, expand_image_runs, place_image_tokens, turn_role, with_system_turn
 from mmdlm.data.tokenizer import load_tokenizer, special_ids
@@ -131,9 +131,12 @@ def llava_requests(json_path: str | Path, image_folder: str | Path | None) -> li
     reference answer (the last gpt turn, None when the file holds only questions)."""
     json_path = Path(json_path)
     folder = Path(image_folder) if image_folder is not None else json_path.parent
-    requests = []
+    requests, seen = [], {}
     for index, entry in enumerate(read_json_list(json_path)):
         name = entry_name(json_path, entry, index)
+        repeated = repeated_id(seen, entry, index)
+        if repeated:
+            raise DataError(f"{name}: {repeated}")
         turns = entry.get("conversations") if isinstance(entry, dict) else None
         if not isinstance(turns, list) or not all(isinstance(t, dict) and isinstance(t.get("value"), str)
                                                   for t in turns):
@@ -151,7 +154,7 @@ def llava_requests(json_path: str | Path, image_folder: str | Path | None) -> li
         missing = [p for p in paths if not (folder / p).is_file()]
         if missing:  # checked now, before the model loads; decoding waits for the entry's batch
             raise DataError(f"{name}: image not found: {folder / missing[0]} (set --image-folder?)")
-        requests.append({"id": str(entry.get("id", index)), "images": [folder / p for p in paths], "turns": turns,
+        requests.append({"id": entry_id(entry, index), "images": [folder / p for p in paths], "turns": turns,
                          "reference": reference})
     return requests
 

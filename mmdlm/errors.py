@@ -22,10 +22,20 @@ class UserError(ValueError):
     exit_code = 2
 
 
+def message_of(error: UserError) -> str:
+    """Return the error's one line. A DataLoader worker's error reaches the main process re-raised by PyTorch
+    as "Caught DataError in DataLoader worker process 0.\nOriginal Traceback ..." + the worker's traceback,
+    whose last line is "<class>: <message>": the message is taken back from there."""
+    text = str(error)
+    if text.startswith("Caught ") and "\nOriginal Traceback" in text:
+        return text.rstrip().splitlines()[-1].partition(": ")[2]
+    return text
+
+
 def report_user_errors(command: Callable[[], int | None]) -> int:
     """Return command()'s exit code (None counts as 0); a UserError becomes one stderr line and its exit code."""
     try:
         return command() or 0
     except UserError as error:
-        print(f"error: {error}", file=sys.stderr, flush=True)
+        print(f"error: {message_of(error)}", file=sys.stderr, flush=True)
         return error.exit_code

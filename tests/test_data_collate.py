@@ -162,6 +162,21 @@ def test_skipped_samples(tokenizer):
         collator([None])
 
 
+def test_on_error_stop_raises_for_a_conversation_that_cannot_fit_and_still_skips_documents(tokenizer):
+    long = qa("What colour is the circle? " * 20, "red", image("red"), sample_id="q7")
+    stop = Collator(tokenizer, transform, N_IMAGE, max_length=40, on_error="stop")
+    with pytest.raises(DataError, match=r"^sample id=q7: the prompt with its image run\(s\) is \d+ tokens, leaving no "
+                                        "room for an answer within max_length=40"):
+        stop([qa("red", "blue"), long])
+    with pytest.warns(DataWarning, match="sample id=d skipped: sample has neither"):  # not a conversation
+        assert stop([qa("red", "blue"), {"id": "d", "nothing": 1}])["input_ids"].shape[0] == 1
+    skip = Collator(tokenizer, transform, N_IMAGE, max_length=40)  # the default
+    with pytest.warns(DataWarning, match="sample id=q7 skipped: the prompt"):
+        assert skip([qa("red", "blue"), long])["input_ids"].shape[0] == 1 and skip.skipped == 1
+    with pytest.raises(ValueError, match="on_error must be one of"):
+        Collator(tokenizer, transform, N_IMAGE, max_length=40, on_error="raise")
+
+
 @pytest.mark.filterwarnings("ignore::mmdlm.data.errors.DataWarning")
 def test_random_batches_keep_the_contract(tokenizer, ids):
     rng = random.Random(0)

@@ -203,6 +203,39 @@ def test_check_clean_and_broken_json(tmp_path, tokenizer_dir, capsys):
     assert "... 3 more problem(s) not shown" in capsys.readouterr().out
 
 
+def test_check_flags_a_repeated_id_and_takes_the_run_length_from_a_model_folder(tmp_path, tokenizer, capsys):
+    from mmdlm.multimodal import build_model
+
+    solid((0, 0, 0)).save(tmp_path / "ok.png")
+    turns = [{"from": "human", "value": "<image>\nQ?"}, {"from": "gpt", "value": "A"}]
+    entries = [{"id": "x", "image": "ok.png", "conversations": turns}, {"id": "y", "conversations": turns[1:]},
+               {"id": "x", "image": "ok.png", "conversations": turns}, {"image": "ok.png", "conversations": turns}]
+    entries[1]["conversations"] = [{"from": "human", "value": "Q?"}, {"from": "gpt", "value": "A"}]
+    entries.append({"id": "3", "conversations": entries[1]["conversations"]})  # the id entry #3 has by position
+    path = write_set(tmp_path, entries)
+    assert main(["check", str(path)]) == 1
+    out = capsys.readouterr().out
+    assert "2 problem(s)" in out
+    assert "qa.json entry id=x: id 'x' is also entry #0's: answers are matched to questions by id" in out
+    assert "qa.json entry id=3: id '3' is also entry #3's" in out
+    # A model folder as --tokenizer gives its own run length (9 tokens per image here), not the default 64.
+    ids = special_ids(tokenizer)
+    model = build_model({"vision": {"model": "resnet10t", "image_size": 64, "feature_layer": 2},
+                         "projector": {"grid": 3},
+                         "lm": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                                "num_attention_heads": 2, "num_key_value_heads": 1}},
+                        vocab_size=len(tokenizer), image_token_id=ids.image, mask_token_id=ids.mask)
+    assert model.num_image_tokens == 9
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    one = write_set(tmp_path, entries[:1], "one.json")
+    length = len(ChatEncoder(tokenizer).encode_conversation(turns).ids) + 8
+    for max_length, code in [(length, 0), (length - 1, 1)]:
+        args = ["check", str(one), "--tokenizer", str(tmp_path / "model"), "--max-length", str(max_length)]
+        assert main(args) == code
+    assert f"over-long: {length} tokens > max_length {length - 1}" in capsys.readouterr().out
+
+
 def white_png(width: int, height: int) -> bytes:
     """Return a valid 1-bit PNG of width x height white pixels (a 20000 x 20000 one is a decompression bomb: ~60 kB)."""
 

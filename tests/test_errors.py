@@ -2,12 +2,15 @@
 else is a bug and keeps its traceback."""
 
 import importlib
+import json
+from pathlib import Path
 
 import pytest
+import torch
 
 from mmdlm.config import ConfigError
 from mmdlm.data.errors import DataError
-from mmdlm.errors import UserError
+from mmdlm.errors import UserError, report_user_errors
 from mmdlm.infer.evaluate import EvalError
 from mmdlm.infer.infer import InferError
 from mmdlm.train.metrics import TrainingDiverged
@@ -80,13 +83,40 @@ def test_real_bad_input_is_one_line(tmp_path, capsys):
     from mmdlm.train.export import main as export
     from mmdlm.train.train import main as train
 
+    turns = [{"from": "human", "value": "Hi?"}, {"from": "gpt", "value": "Hello."}]
+    (tmp_path / "qa.json").write_text(json.dumps([{"id": "0", "conversations": turns}]))
     cases = [
         (train, ["--config", "configs/train/demo_sft.yaml", "--set", "optim.lrr=1"], "unknown key(s) ['lrr']"),
         (export, ["--run", str(tmp_path)], "no complete checkpoint"),
         (estimate, ["--model", str(tmp_path / "nope.yaml")], "config file not found"),
         (convert, [str(tmp_path), str(tmp_path / "out")], "no config.json"),
+        (train, ["--config", "configs/train/finetune.yaml", "--set", "init_from=runs/nope/model", "--set",
+                 f"output_dir={tmp_path / 'run'}", "--set", f"data.json=[{tmp_path / 'qa.json'}]"],
+         f"init_from=runs/nope/model (relative to {Path.cwd()}) is not a model folder"),
     ]
     for main, argv, message in cases:
         assert main(argv) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+
+
+class Failing(torch.utils.data.Dataset):
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, index):
+        if index == 1:
+            raise DataError("qa.json entry id=1: image 'b.png' unreadable (cannot identify image file 'b.png')")
+        return index
+
+
+def test_an_error_from_a_dataloader_worker_is_its_own_one_line(capsys):
+    """PyTorch re-raises a worker's error as "Caught DataError in DataLoader worker process 0." + the worker's
+    traceback: the one line printed is the worker's message."""
+
+    def command():
+        list(torch.utils.data.DataLoader(Failing(), batch_size=1, num_workers=1))
+
+    assert report_user_errors(command) == 2
+    assert capsys.readouterr().err == ("error: qa.json entry id=1: image 'b.png' unreadable (cannot identify image "
+                                       "file 'b.png')\n")

@@ -74,6 +74,14 @@ def test_command_scores_files_and_rejects_bad_ones(tmp_path, capsys):
     preds.write_text(json.dumps({"id": "zz", "answer": "x"}))
     assert main(["--predictions", str(preds), "--references", str(refs)]) == 2
     assert "no reference" in capsys.readouterr().err
+    preds.write_text(json.dumps({"id": "q2", "answer": "red"}) + "\n" + json.dumps({"id": "q2", "answer": "x"}) + "\n")
+    assert main(["--predictions", str(preds), "--references", str(refs)]) == 2
+    assert "answers.jsonl line 2: a second answer for id 'q2'" in capsys.readouterr().err
+    entries = json.loads(refs.read_text())
+    refs.write_text(json.dumps([*entries, {"id": "q1", "answers": ["3"]}]))  # two questions, one id: which scores?
+    preds.write_text(json.dumps({"id": "q1", "answer": "2"}) + "\n")
+    assert main(["--predictions", str(preds), "--references", str(refs)]) == 2
+    assert "qa.json entry id=q1: id 'q1' is also entry #0's" in capsys.readouterr().err
 
 
 def test_command_scores_each_question_type(tmp_path, capsys):

@@ -462,3 +462,14 @@ def test_channels_last_tower_gives_the_same_features():
         after = tower(pixels)
     assert tower.backbone.conv1.weight.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-5)
+
+
+def test_an_input_file_with_a_repeated_id_is_refused_before_the_model_loads(tmp_path, capsys):
+    turns = [{"from": "human", "value": "Q?"}, {"from": "gpt", "value": "A"}]
+    (tmp_path / "qa.json").write_text(json.dumps([{"id": "a", "conversations": turns},
+                                                  {"id": "a", "conversations": turns}]))
+    argv = ["--model", str(tmp_path / "no-model"), "--input", str(tmp_path / "qa.json")]
+    assert main(argv) == 2  # the model folder does not exist either: the input is read first
+    assert capsys.readouterr().err == ("error: qa.json entry id=a: id 'a' is also entry #0's: answers are matched "
+                                       "to questions by id (evaluate.py, infer.py --resume), so each entry needs its "
+                                       "own\n")

@@ -92,13 +92,15 @@ def test_data_check_counts_a_model_folder_s_system_turn(converted, llada_v_folde
     (tmp_path / "train.json").write_text(json.dumps([{"id": "0", "image": "image_a.png", "conversations": turns}]))
     tokenizer = load_tokenizer(converted)
     tokenizer.save_pretrained(tmp_path / "tokenizer")  # the same tokenizer, no model config beside it
-    plain = LengthCheck(tokenizer, 0, 9).conversation(turns, 1)
-    full = LengthCheck(tokenizer, 0, 9, SYSTEM_PROMPT).conversation(turns, 1)
-    assert full > plain
-    check = ["check", str(tmp_path / "train.json"), "--max-length", str(plain), "--num-image-tokens", "9"]
-    assert data_main([*check, "--tokenizer", str(tmp_path / "tokenizer")]) == 0
-    assert data_main([*check, "--tokenizer", str(converted)]) == 1  # the system turn makes it too long
-    assert f"over-long: {full} tokens > max_length {plain}" in capsys.readouterr().out
+    plain, plain_prompt = LengthCheck(tokenizer, 0, 9).conversation(turns, [(64, 64)])
+    full, full_prompt = LengthCheck(tokenizer, 0, 9, SYSTEM_PROMPT).conversation(turns, [(64, 64)])
+    assert full_prompt > plain and full - full_prompt == plain - plain_prompt == len(tokenizer.encode("A box.")) + 1
+    check = ["check", str(tmp_path / "train.json"), "--num-image-tokens", "9"]
+    assert data_main([*check, "--max-length", str(plain), "--tokenizer", str(tmp_path / "tokenizer")]) == 0
+    assert data_main([*check, "--max-length", str(plain - 1), "--tokenizer", str(tmp_path / "tokenizer")]) == 1
+    assert f"over-long: {plain} tokens > max_length {plain - 1} (trailing" in capsys.readouterr().out
+    assert data_main([*check, "--max-length", str(plain), "--tokenizer", str(converted)]) == 1  # + the system turn
+    assert f"over-long: the prompt alone is {full_prompt} tokens, no room" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("options", [

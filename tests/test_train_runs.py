@@ -239,6 +239,32 @@ def test_first_token_weight_on_a_model_without_shifted_logits_is_refused_in_one_
     assert not (tmp_path / "noshift" / "metrics.jsonl").exists()
 
 
+def test_an_unreadable_image_met_mid_run_stops_it_in_one_line_that_names_the_step(world, tmp_path):
+    """data.on_error=stop (the default): an image that fails to decode in a data worker (PyTorch re-raises it with
+    the worker's traceback) stops the run with one line naming the step, the entry and the image, and where
+    --resume would go on from."""
+    from mmdlm.train.loader import ResumableBatchSampler
+
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    entries = json.loads((world / "train" / "qa.json").read_text())[:11]
+    entries.append({**entries[0], "id": "corrupt", "image": str(tmp_path / "bad.png")})
+    (tmp_path / "qa.json").write_text(json.dumps(entries))
+    seed = load_train_config(ROOT / "configs/train/demo_sft.yaml", []).seed
+    position = ResumableBatchSampler(12, 4, 0, 1, seed).order(0).index(11)
+    step = position // 4 + 1  # 3 micro-batches of 4 an epoch: the corrupt entry comes in the first
+    resume = f"--resume goes on from step {step - 1}" if step > 1 else "no checkpoint is saved yet"
+    cmd = single(world, tmp_path / "run", f"data.json=[{tmp_path / 'qa.json'}]",
+                 f"data.image_folder={world / 'train'}", "save_every=1")
+    cmd[cmd.index("data.num_workers=0")] = "data.num_workers=1"  # the error crosses the worker's process boundary
+    proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert errors == [f"error: step {step}: qa.json entry id=corrupt: image '{tmp_path / 'bad.png'}' unreadable "
+                      f"(cannot identify image file '{tmp_path / 'bad.png'}'). `mmdlm-data check` lists every bad "
+                      f"entry at once; fix them or --set data.on_error=skip ({resume})"], proc.stderr[-3000:]
+
+
 def test_nonfinite_losses_stop_the_run_with_a_message(world, start, tmp_path):
     broken = tmp_path / "nan_start"
     shutil.copytree(start, broken)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import warnings
 from pathlib import Path
 
@@ -34,7 +35,14 @@ def build(cfg: TrainConfig, conversations: list[list[dict]] | None = None):
     With the training `conversations`, the model records where they put images (image_position)
     and, with data.answer_tokens, the tokenizer gains their long answer words.
     """
+    if cfg.init_from and not (Path(cfg.init_from) / "config.json").is_file():
+        relative = "" if Path(cfg.init_from).is_absolute() else f" (relative to {Path.cwd()})"
+        raise ConfigError(f"init_from={cfg.init_from}{relative} is not a model folder (no config.json): give the "
+                          "folder a training run exported or mmdlm-convert-* wrote")
     has_own_tokenizer = cfg.init_from and (Path(cfg.init_from) / "tokenizer.json").is_file()
+    if cfg.init_from and not has_own_tokenizer:
+        print(f"note: init_from={cfg.init_from} has no tokenizer.json; using data.tokenizer={cfg.data.tokenizer}",
+              file=sys.stderr, flush=True)
     tokenizer = load_tokenizer(cfg.init_from if has_own_tokenizer else cfg.data.tokenizer)
     ids = special_ids(tokenizer)
     if cfg.init_from:

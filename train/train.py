@@ -30,10 +30,11 @@ import torch.distributed as dist
 
 from mmdlm.config import ConfigError, to_dict
 from mmdlm.data.collate import Collator
+from mmdlm.data.errors import DataError
 from mmdlm.data.tokenizer import special_ids
 from mmdlm.diffusion import first_token_loss, masked_diffusion_loss, next_token_loss
 from mmdlm.encoders.cache import TowerCache, fingerprint
-from mmdlm.errors import report_user_errors
+from mmdlm.errors import message_of, report_user_errors
 from mmdlm.multimodal import MMDLM
 from mmdlm.train import checkpoint
 from mmdlm.train.build import build, deepspeed_config, make_optimizer, read_conversations
@@ -83,7 +84,7 @@ def make_collator(cfg: TrainConfig, tokenizer, model: MMDLM) -> Collator:
     runs = model.num_image_tokens if model.anyres is None else model.image_tokens  # per image size with anyres
     return Collator(tokenizer, model.image_transform(), runs, cfg.data.max_length,
                     mode="sft" if cfg.data.json else "pretrain", sft_padding=cfg.data.sft_padding,
-                    system_prompt=getattr(model.config, "system_prompt", None))
+                    system_prompt=getattr(model.config, "system_prompt", None), on_error=cfg.data.on_error)
 
 
 def loss_of(engine, batch: dict, cfg: TrainConfig, mask_id: int, generator: torch.Generator, step: int = 0):
@@ -238,7 +239,12 @@ def train_step(run: Run) -> dict:
     dtype = next(engine.module.parameters()).dtype
     micro = 0
     while micro < cfg.grad_accum:
-        batch = next(run.batches)
+        try:
+            batch = next(run.batches)
+        except DataError as error:  # a sample that cannot be read, met mid-run with data.on_error=stop
+            saved = f"--resume goes on from step {run.saved_at}" if run.saved_at else "no checkpoint is saved yet"
+            raise DataError(f"step {state.step + 1}: {message_of(error)}. `mmdlm-data check` lists every bad "
+                            f"entry at once; fix them or --set data.on_error=skip ({saved})") from None
         state.batches_consumed += 1
         sample_ids = batch.pop("sample_ids")
         state.skipped_samples += batch.pop("skipped")
@@ -267,12 +273,16 @@ def train_step(run: Run) -> dict:
 def train(cfg: TrainConfig, resume: bool) -> Path:
     """Run the training loop; return the exported model folder."""
     run = setup(cfg, resume)
-    while run.state.step < cfg.max_steps:
-        record = train_step(run)
-        run.log.step(record, write=run.state.step % cfg.log_every == 0 or run.state.step == cfg.max_steps)
-        if cfg.save_every and run.state.step % cfg.save_every == 0:
-            checkpoint.save(run.engine, run.ckpt_dir, run.state, cfg.keep_checkpoints)
-            run.saved_at = run.state.step
+    try:
+        while run.state.step < cfg.max_steps:
+            record = train_step(run)
+            run.log.step(record, write=run.state.step % cfg.log_every == 0 or run.state.step == cfg.max_steps)
+            if cfg.save_every and run.state.step % cfg.save_every == 0:
+                checkpoint.save(run.engine, run.ckpt_dir, run.state, cfg.keep_checkpoints)
+                run.saved_at = run.state.step
+    except BaseException:
+        run.log.close()  # the bar ends its line, so that the error is a line of its own
+        raise
     return finish(run)
 
 
