@@ -22,6 +22,7 @@ from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedMode
 
 from mmdlm.cache import KVCache
 from mmdlm.config import ConfigError
+from mmdlm.files import ReadableWeights
 
 AttentionKind = Literal["bidirectional", "causal"]
 
@@ -265,7 +266,7 @@ def attention_mask_4d(
     return allowed
 
 
-class DiffusionLM(PreTrainedModel):
+class DiffusionLM(ReadableWeights, PreTrainedModel):
     """LLaDA-layout Transformer returning logits [B, L, V]; attention per `config.attention`."""
 
     config_class = DLMConfig

@@ -26,6 +26,7 @@ from mmdlm.encoders.cache import TowerCache
 from mmdlm.encoders.processor import anyres_grid, image_transform
 from mmdlm.encoders.projector import Projector, ProjectorConfig
 from mmdlm.encoders.tower import VisionConfig, VisionTower
+from mmdlm.files import ReadableWeights
 from mmdlm.model import DiffusionLM, DLMConfig, LMConfig
 
 
@@ -52,7 +53,27 @@ class MMDLMConfig(PretrainedConfig):
         super().__init__(**kwargs)
 
 
-class MMDLM(PreTrainedModel):
+# What other model folders are, and what to do with them instead of loading them as a vision-language model.
+OTHER_MODEL_TYPES = {
+    "llava_llada": "an original LLaDA-V checkpoint: convert it with mmdlm-convert-llada-v first",
+    "llada": "an original LLaDA checkpoint: convert it with mmdlm-convert-llada, then use it as model.lm_path",
+    "mmdlm_lm": "a language model alone: sample it with mmdlm.sampling.generate (README: Sampling from the "
+                "language model), or train a vision-language model on it with model.lm_path",
+}
+
+
+def check_model_type(folder: Path) -> None:
+    """Raise ConfigError saying what `folder` is when its config.json is not an mmdlm vision-language model's."""
+    try:
+        kind = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("model_type")
+    except (OSError, ValueError, AttributeError) as error:
+        raise ConfigError(f"{folder / 'config.json'}: not a readable model config ({error})") from error
+    if kind != MMDLMConfig.model_type:
+        what = OTHER_MODEL_TYPES.get(kind, "not an mmdlm model folder: give the folder training exported")
+        raise ConfigError(f"{folder}: model_type {kind!r} is {what}")
+
+
+class MMDLM(ReadableWeights, PreTrainedModel):
     """Vision tower -> projector -> diffusion LM; forward returns logits [B, L, V]."""
 
     config_class = MMDLMConfig
@@ -184,8 +205,10 @@ class MMDLM(PreTrainedModel):
                        position_ids=position_ids, cache=cache, start=start, fill_cache=fill_cache, causal=causal)
 
     @classmethod
-    def from_pretrained(cls, folder: str | Path, *_: Any, dtype: torch.dtype | None = None, **__: Any) -> MMDLM:
-        """Return the model saved in `folder` by save_pretrained, in the saved dtype unless `dtype` is given.
+    def from_pretrained(cls, folder: str | Path, *_: Any, dtype: torch.dtype | str | None = None,
+                        torch_dtype: torch.dtype | str | None = None, **__: Any) -> MMDLM:
+        """Return the model saved in `folder` by save_pretrained, in the saved dtype unless `dtype` is given
+        (a torch dtype or its name; "auto" or None keep the saved one; `torch_dtype` is transformers' older name).
 
         Overridden because the generic loader initialises on the meta device, which leaves the
         non-persistent buffers of timm/open_clip towers empty. The tower is rebuilt from its
@@ -196,6 +219,13 @@ class MMDLM(PreTrainedModel):
         weights = sorted(folder.glob("model*.safetensors"))
         if not (folder / "config.json").is_file() or not weights:
             raise ConfigError(f"{folder}: not a model folder (needs config.json and model*.safetensors)")
+        check_model_type(folder)
+        dtype = dtype if dtype is not None else torch_dtype
+        if isinstance(dtype, str) and dtype != "auto":
+            dtype = getattr(torch, dtype, dtype)
+        if dtype is not None and dtype != "auto" and not isinstance(dtype, torch.dtype):
+            raise ConfigError(f"dtype={dtype!r}: give a torch dtype (torch.bfloat16), its name or 'auto'")
+        dtype = None if dtype == "auto" else dtype
         config = MMDLMConfig.from_pretrained(folder)
         config.vision["weights"] = None  # the folder's own weights replace the tower's original file
         with torch.device("meta"):

@@ -69,3 +69,56 @@ def test_auto_classes_load_a_language_model_folder(tmp_path):
     got = load_in_fresh_process(tmp_path / "lm", (ids, None), logits, lm.state_dict(), tmp_path)
     assert got == {"config": "DLMConfig", "model": "DiffusionLM", "training": False, "weights_equal": True,
                    "logits_equal": True, "again_equal": True}
+
+
+def test_dtype_keywords_as_transformers_users_write_them(tmp_path):
+    import pytest
+    from transformers import AutoModel
+
+    from mmdlm.config import ConfigError
+    from mmdlm.multimodal import MMDLM
+
+    build_model(dict(vision=VISION, lm=LM), vocab_size=300, image_token_id=299, mask_token_id=298).save_pretrained(
+        tmp_path / "model")
+    cases = [({"dtype": "auto"}, torch.float32), ({"torch_dtype": torch.bfloat16}, torch.bfloat16),
+             ({"dtype": "bfloat16"}, torch.bfloat16), ({}, torch.float32)]
+    for kwargs, dtype in cases:
+        assert {p.dtype for p in AutoModel.from_pretrained(tmp_path / "model", **kwargs).parameters()} == {dtype}
+    with pytest.raises(ConfigError, match="dtype='half-ish': give a torch dtype"):
+        MMDLM.from_pretrained(tmp_path / "model", dtype="half-ish")
+
+
+def test_a_folder_of_another_kind_says_what_it_is(tmp_path):
+    import pytest
+
+    from mmdlm.config import ConfigError
+    from mmdlm.multimodal import MMDLM
+
+    lm = DiffusionLM(DLMConfig(vocab_size=100, **LM))
+    lm.save_pretrained(tmp_path / "lm")  # model_type mmdlm_lm: what mmdlm-convert-llada writes
+    with pytest.raises(ConfigError, match=r"model_type 'mmdlm_lm' is a language model alone: sample it with"):
+        MMDLM.from_pretrained(tmp_path / "lm")
+    config = json.loads((tmp_path / "lm" / "config.json").read_text())
+    (tmp_path / "lm" / "config.json").write_text(json.dumps({**config, "model_type": "llava_llada"}))
+    with pytest.raises(ConfigError, match="an original LLaDA-V checkpoint: convert it with mmdlm-convert-llada-v"):
+        MMDLM.from_pretrained(tmp_path / "lm")
+
+
+def test_weight_files_are_as_readable_as_the_umask_says(tmp_path):
+    """safetensors writes 0600 whatever the umask: a model shared on a cluster must be readable by the group."""
+    import os
+    import stat
+
+    from mmdlm.train.export import write_model_folder
+
+    old = os.umask(0o022)
+    try:
+        model = build_model(dict(vision=VISION, lm=LM), vocab_size=300, image_token_id=299, mask_token_id=298)
+        model.save_pretrained(tmp_path / "saved")
+        model.lm.save_pretrained(tmp_path / "lm")
+        write_model_folder(model.config, model.state_dict(), None, tmp_path / "exported")
+    finally:
+        os.umask(old)
+    for folder in ("saved", "lm", "exported"):
+        files = list((tmp_path / folder).glob("*.safetensors"))
+        assert files and all(stat.S_IMODE(f.stat().st_mode) == 0o644 for f in files), folder

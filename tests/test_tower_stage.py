@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from mmdlm.config import ConfigError, load_config
 from mmdlm.data.synthetic import synthesize
 from mmdlm.train import tower
-from mmdlm.train.build import build
+from mmdlm.train.build import build, use_bf16
 from mmdlm.train.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,3 +75,22 @@ def test_the_sft_stage_records_its_answer_padding_and_needs_prefix_dlm_for_a_cau
     cfg = load_config(TrainConfig, ROOT / "configs/train/demo_sft.yaml", [*base, "prefix_dlm=false"])
     with pytest.raises(ConfigError, match="set prefix_dlm: true"):
         build(cfg)
+
+
+def test_a_bf16_model_folder_trains_in_fp32_when_the_run_does(world, tmp_path, capsys):
+    """precision auto on CPU (or fp32) with a bf16 init_from (mmdlm-convert-llada-v's default): the weights are
+    cast to fp32, as DeepSpeed's bf16 mode keeps fp32 masters; left in bf16, a 1e-5 step rounds away."""
+    base = [f"data.tokenizer={world / 'tokenizer'}", "init_vision_from=null"]
+    tokenizer, model = build(load_config(TrainConfig, ROOT / "configs/train/demo_sft.yaml", base))
+    model.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    tokenizer.save_pretrained(tmp_path / "bf16")
+    saved = model.state_dict()
+    for precision in ("auto", "fp32", "bf16"):  # auto: fp32 on CPU, bf16 on a GPU
+        cfg = load_config(TrainConfig, ROOT / "configs/train/finetune.yaml",
+                          [*base, f"init_from={tmp_path / 'bf16'}", f"precision={precision}"])
+        dtype = torch.bfloat16 if use_bf16(cfg) else torch.float32
+        _, loaded = build(cfg)
+        assert {p.dtype for p in loaded.parameters()} == {dtype}, precision
+        assert all(torch.equal(value.to(dtype), saved[key].to(dtype)) for key, value in loaded.state_dict().items())
+        note = "note: init_from holds torch.bfloat16 weights; precision=" in capsys.readouterr().err
+        assert note is (dtype == torch.float32)

@@ -47,6 +47,11 @@ def build(cfg: TrainConfig, conversations: list[list[dict]] | None = None):
     ids = special_ids(tokenizer)
     if cfg.init_from:
         model = MMDLM.from_pretrained(cfg.init_from)
+        saved = {p.dtype for p in model.parameters() if p.dtype != torch.float32}
+        if saved and not use_bf16(cfg):  # fp32 training keeps fp32 weights: a 1e-5 step rounds away in bf16
+            print(f"note: init_from holds {', '.join(sorted(map(str, saved)))} weights; precision={cfg.precision} "
+                  "trains in fp32 here, so they are cast to float32", file=sys.stderr, flush=True)
+            model.float()
     else:
         model = build_model(cfg.model, vocab_size=max(len(tokenizer), cfg.model.lm.vocab_size or 0),
                             image_token_id=ids.image, mask_token_id=ids.mask)

@@ -24,6 +24,7 @@ from safetensors.torch import save_file
 
 from mmdlm.config import ConfigError
 from mmdlm.errors import report_user_errors
+from mmdlm.files import readable
 from mmdlm.train.checkpoint import MARKER, complete_checkpoints
 
 SHARD_BYTES = 5 * 2**30  # the usual Hugging Face shard size
@@ -92,6 +93,7 @@ def write_model_folder(config, state: dict[str, torch.Tensor], tokenizer, out_di
         (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
+    readable(tmp)
     _fsync_folder(tmp)
     old = out_dir.with_name(out_dir.name + ".old")
     shutil.rmtree(old, ignore_errors=True)

@@ -39,6 +39,7 @@ from mmdlm.data.scenes import CELL_ATTRIBUTES, GRID, cell_labels
 from mmdlm.encoders.processor import image_transform
 from mmdlm.encoders.tower import VisionTower
 from mmdlm.errors import report_user_errors
+from mmdlm.files import readable
 from mmdlm.multimodal import ModelConfig
 from mmdlm.train.build import load_vision
 
@@ -160,6 +161,7 @@ def pretrain(cfg: TowerConfig) -> Path:
     if not cfg.probe:  # a probe only measures
         save_file({f"vision.{k}": v.detach().contiguous() for k, v in tower.state_dict().items()},
                   str(out / "model" / "vision.safetensors"))
+        readable(out / "model")
     if cfg.val:
         scores = evaluate(tower, heads, DataLoader(LlavaDataset(cfg.val), batch_size=256, collate_fn=batches))
         (out / "eval.json").write_text(json.dumps(scores, indent=1))
