@@ -280,3 +280,11 @@ def test_check_unreadable_input_exits_2(tmp_path, capsys):
     assert main(["check", str(tmp_path / "qa.json")]) == 2
     assert "malformed JSON at line 1" in capsys.readouterr().err
     assert main(["check", str(tmp_path / "none-{0..3}.tar")]) == 2
+
+
+def test_a_skipped_sample_warning_prints_as_one_line():
+    import warnings
+
+    assert warnings.formatwarning("skipped qa.json entry id=7: x", DataWarning, "llava.py", 3) == \
+        "warning: skipped qa.json entry id=7: x\n"
+    assert warnings.formatwarning("other", UserWarning, "llava.py", 3).startswith("llava.py:3: UserWarning: other")
