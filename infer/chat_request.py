@@ -10,6 +10,7 @@ import argparse
 import base64
 import binascii
 import io
+import math
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,8 +49,20 @@ class ImageRules:
     max_pixels: int = 4096 * 4096
 
 
-def conversation(messages: object) -> tuple[list[dict], list[str]]:
-    """Return (LLaVA turns with '<image>' where each image part was, the image URLs in order)."""
+def placed(pieces: list[str], image_position: str) -> list[str]:
+    """Return a message's text and '<image>' pieces with the images where the model's training data put them
+    (its config's image_position: "before" the text, LLaVA's rule, or "after" it), as infer.py does; a message
+    that interleaves them (text, image, text) keeps the sender's order."""
+    pieces = [p for p in pieces if p]
+    is_image = [p == IMAGE_TOKEN for p in pieces]
+    if sum(a != b for a, b in zip(is_image, is_image[1:])) > 1:
+        return pieces
+    images, text = [p for p in pieces if p == IMAGE_TOKEN], [p for p in pieces if p != IMAGE_TOKEN]
+    return text + images if image_position == "after" else images + text
+
+
+def conversation(messages: object, image_position: str = "before") -> tuple[list[dict], list[str]]:
+    """Return (LLaVA turns with an '<image>' per image part, placed by `placed`; the image URLs in order)."""
     if not isinstance(messages, list) or not messages:
         raise RequestError("'messages' must be a non-empty list of {'role', 'content'} objects")
     turns, urls = [], []
@@ -82,7 +95,7 @@ def conversation(messages: object) -> tuple[list[dict], list[str]]:
             else:
                 raise RequestError(f"{where}.content[{j}]: a part is {{'type': 'text', 'text': ...}} or, in a user "
                                    "message, {'type': 'image_url', 'image_url': {'url': ...}}")
-        turns.append({"from": role, "value": "\n".join(p for p in pieces if p)})
+        turns.append({"from": role, "value": "\n".join(placed(pieces, image_position))})
     if turns[-1]["from"] != "user" or not turns[-1]["value"].replace(IMAGE_TOKEN, "").strip():
         raise RequestError("the last message must be the user's question, with text (e.g. 'Describe the image.')")
     return turns, urls
@@ -95,7 +108,8 @@ def fetch_image(url: str, name: str, rules: ImageRules) -> Image.Image:
         if not header.startswith("data:image/") or not header.endswith(";base64"):
             raise RequestError(f"{name}: a data URL must look like data:image/png;base64,<data>")
         try:
-            data = base64.b64decode(payload, validate=True)
+            # Line breaks are what base64.encodebytes and the `base64` tool write: whitespace goes, nothing else
+            data = base64.b64decode("".join(payload.split()), validate=True)
         except (binascii.Error, ValueError) as error:
             raise RequestError(f"{name}: the data URL is not valid base64 ({error})") from error
         if not data:
@@ -121,8 +135,9 @@ def _number(body: dict, key: str, integer: bool, low: float, high: float | None 
     value = body.get(key)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
-        raise RequestError(f"'{key}' must be {'an integer' if integer else 'a number'}, got {value!r}")
+    finite = not isinstance(value, float) or math.isfinite(value)  # json.loads reads NaN and Infinity too
+    if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)) or not finite:
+        raise RequestError(f"'{key}' must be {'an integer' if integer else 'a finite number'}, got {value!r}")
     if value < low or (high is not None and value > high):
         raise RequestError(f"'{key}'={value} must be in [{low}, {high if high is not None else 'inf'}]")
     return value
@@ -145,7 +160,7 @@ def request_config(body: dict, answerer: Answerer, max_tokens: int) -> SamplerCo
     gen_length = _number(body, "max_completion_tokens", True, 1, answerer.context) or gen_length or max_tokens
     options = argparse.Namespace(
         gen_length=gen_length, block_length=_number(body, "block_length", True, 1),
-        steps=_number(body, "steps", True, 1),
+        steps=_number(body, "steps", True, 1, gen_length),  # more steps than tokens only add empty forwards
         threshold=_number(body, "threshold", False, 0, 1), factor=_number(body, "factor", False, 1e-6),
         temperature=_number(body, "temperature", False, 0, 10) or 0.0, cache=_choice(body, "cache", CACHES, "auto"),
         confidence=_choice(body, "confidence", CONFIDENCES, "probability"), no_early_stop=False,
@@ -168,7 +183,7 @@ def parse_chat(body: object, answerer: Answerer, rules: ImageRules, max_tokens: 
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise RequestError(f"'stream' must be true or false, got {stream!r}")
-    turns, urls = conversation(body.get("messages"))
+    turns, urls = conversation(body.get("messages"), answerer.image_position)
     config = request_config(body, answerer, max_tokens)
     images = [fetch_image(url, f"image {k + 1}", rules) for k, url in enumerate(urls)]
     try:

@@ -24,6 +24,7 @@ import asyncio
 import base64
 import ipaddress
 import json
+import math
 import signal
 import socket
 import statistics
@@ -49,6 +50,18 @@ def loopback(url: str) -> str:
     if not local:
         raise InferError(f"--url {url}: the load test only targets this machine (127.0.0.1, localhost, [::1])")
     return url.rstrip("/")
+
+
+def answering(url: str) -> str:
+    """Return `url`; InferError when no server answers its GET /health (any status: a server is there)."""
+    import httpx
+
+    try:
+        httpx.get(f"{url}/health", timeout=10)
+    except httpx.HTTPError as error:
+        raise InferError(f"--url {url}: no server answered there ({error}): start mmdlm-serve first, or give --model "
+                         "to let the load test start one") from error
+    return url
 
 
 def request_bodies(input_file: str | None, count: int, max_tokens: int, threshold: float,
@@ -235,7 +248,8 @@ def medians(rounds: list[list[dict]]) -> list[dict]:
     for k in range(len(rounds[0])):
         runs = [r[k] for r in rounds]
         row = {key: statistics.median(m[key] for m in runs) for key in ("rps", "p50", "p99", "mean_batch")}
-        row["speedup"] = statistics.median(r[k]["rps"] / r[0]["rps"] for r in rounds)
+        # A first server that answered nothing has no speedup to give (its errors are reported)
+        row["speedup"] = statistics.median(r[k]["rps"] / r[0]["rps"] if r[0]["rps"] else math.nan for r in rounds)
         row.update(requests=sum(m["requests"] for m in runs), errors=[e for m in runs for e in m["errors"]])
         rows.append(row)
     return rows
@@ -279,6 +293,7 @@ def run(args: argparse.Namespace) -> int:
             or not 0 <= args.warmup <= 4096:
         raise InferError("--clients must be in [1, 256], --requests in [1, 4096], --repeats in [1, 20] and --warmup "
                          "in [0, 4096]: the load test is bounded")
+    given = answering(loopback(args.url)) if args.url else None  # before the requests are drawn: fail fast
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a `timeout` or kill still stops the servers below
     bodies = request_bodies(args.input, args.requests, args.max_tokens, args.threshold, args.caption_every)
     # Untimed, at the test's concurrency: the batch shapes it will run (oneDNN builds a kernel per new shape).
@@ -288,7 +303,7 @@ def run(args: argparse.Namespace) -> int:
     names, urls, processes = [], [], []
     try:
         if args.url:
-            names, urls = [args.url], [loopback(args.url)]
+            names, urls = [args.url], [given]
         for batch_size in [] if args.url else args.batch_sizes:
             process, url = start_server(args.model, batch_size, args.threads, args.start_timeout, args.dtype,
                                         args.engine)

@@ -181,6 +181,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def check_max_tokens(max_tokens: int, context: int) -> None:
+    """Raise InferError unless a canvas of `max_tokens` leaves room in the model's context for a prompt."""
+    if max_tokens >= context:  # else every request without max_tokens would fail, blaming a field it never sent
+        raise InferError(f"--max-tokens {max_tokens}: the model's context is {context} tokens, prompt and answer "
+                         f"together: give less than {context}")
+
+
 def serving(args: argparse.Namespace):
     """Return (app, model name) for the parsed arguments, the model loaded."""
     import torch
@@ -193,11 +200,12 @@ def serving(args: argparse.Namespace):
     if allow is not None and not allow.is_dir():
         raise InferError(f"--allow-local-images {allow}: not a folder")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if args.engine == "process":  # the model loads in the child; requests are parsed here, with no weights
+    in_child = args.engine == "process"  # the model loads in the child; requests are parsed here, with no weights
+    answerer = Answerer(*load_model(args.model, device, args.dtype, weights=not in_child))
+    check_max_tokens(args.max_tokens, answerer.context)
+    if in_child:
         batcher = EngineProcess(args.model, args.max_batch_size, device, args.dtype, args.threads).start()
-        answerer = Answerer(*load_model(args.model, device, args.dtype, weights=False))
     else:
-        answerer = Answerer(*load_model(args.model, device, args.dtype))
         batcher = Batcher(answerer, args.max_batch_size)
     name = Path(args.model).resolve().name
     app = create_app(answerer, batcher, name, ImageRules(allow, args.max_image_pixels), args.max_tokens,

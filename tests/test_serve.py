@@ -1,6 +1,7 @@
 """mmdlm-serve: OpenAI chat completions, streaming, answers independent of the batch, and bad requests."""
 
 import base64
+import copy
 import io
 import json
 import os
@@ -18,15 +19,19 @@ httpx = pytest.importorskip("httpx", reason="the serve extra: pip install -e '.[
 uvicorn = pytest.importorskip("uvicorn", reason="the serve extra: pip install -e '.[serve]'")
 
 from mmdlm.infer.batching import Batcher  # noqa: E402
-from mmdlm.infer.chat_request import ImageRules, request_config  # noqa: E402
+from mmdlm.infer.chat_request import ImageRules, conversation, fetch_image, parse_chat, request_config  # noqa: E402
 from mmdlm.infer.infer import Answerer, load_model  # noqa: E402
 from mmdlm.infer.serve import create_app  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def answerer(tmp_path_factory):
-    folder = infer_tests.saved_model(tmp_path_factory.mktemp("model"), "bidirectional")
-    return Answerer(*load_model(folder))
+def model_dir(tmp_path_factory):
+    return infer_tests.saved_model(tmp_path_factory.mktemp("model"), "bidirectional")
+
+
+@pytest.fixture(scope="module")
+def answerer(model_dir):
+    return Answerer(*load_model(model_dir))
 
 
 def png_bytes(size=(40, 30), sigma=60) -> bytes:
@@ -94,6 +99,52 @@ def test_a_chat_completion_is_infer_py_s_answer(server, answerer):
     assert body["mmdlm"]["forward_passes"] == expected.forward_passes and body["mmdlm"]["canvas"] == 16
     assert server.client.get("/v1/models").json()["data"][0]["id"] == "tiny"
     assert server.client.get("/health").json()["status"] == "ok"
+
+
+@pytest.mark.parametrize("position", ["before", "after"])
+def test_an_image_goes_where_the_model_saw_it_in_training_unless_interleaved(answerer, position):
+    """Image part first or last, the prompt is infer.py's: the image where the model's config says (the demo's:
+    "after"). Only a message that interleaves text and images keeps the sender's order."""
+    answerer = copy.copy(answerer)
+    answerer.image_position = position
+    png = png_bytes()
+    image = Image.open(io.BytesIO(png)).convert("RGB")
+    picture = {"type": "image_url", "image_url": {"url": data_url(png)}}
+    question, more = {"type": "text", "text": "what colour is it?"}, {"type": "text", "text": "and the circle?"}
+
+    def prompt(*parts):
+        return parse_chat({"messages": [{"role": "user", "content": list(parts)}]}, answerer, ImageRules(), 16).prompt
+
+    infer_py = answerer.prompt_ids([{"from": "human", "value": "what colour is it?"}], [image])
+    assert prompt(picture, question) == prompt(question, picture) == infer_py
+    interleaved = [{"from": "human", "value": "what colour is it?\n<image>\nand the circle?"}]
+    assert prompt(question, picture, more) == answerer.prompt_ids(interleaved, [image])
+
+
+def test_the_images_of_a_message_move_together_in_their_order():
+    parts = [{"type": "image_url", "image_url": {"url": url}} for url in ("a.png", "b.png")]
+    parts.append({"type": "text", "text": "Which is larger?"})
+    turns, urls = conversation([{"role": "user", "content": parts}], "after")
+    assert turns == [{"from": "user", "value": "Which is larger?\n<image>\n<image>"}] and urls == ["a.png", "b.png"]
+
+
+def test_base64_with_line_breaks_is_read():
+    """What base64.encodebytes and the `base64` tool write: 76-character lines."""
+    png = png_bytes()
+    url = "data:image/png;base64," + base64.encodebytes(png).decode()
+    assert "\n" in url.strip()
+    expected = Image.open(io.BytesIO(png)).convert("RGB")
+    assert fetch_image(url, "image 1", ImageRules()).tobytes() == expected.tobytes()
+
+
+def test_the_server_refuses_a_default_canvas_the_context_cannot_hold(model_dir, capsys):
+    """Else every request without max_tokens would get a 400 about a max_tokens it never sent."""
+    from mmdlm.infer.serve import check_max_tokens, main
+
+    assert main(["--model", str(model_dir), "--max-tokens", "96", "--engine", "thread"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--max-tokens 96: the model's context is 96 tokens" in err
+    check_max_tokens(95, 96)
 
 
 def sse_events(response) -> list:
@@ -235,11 +286,19 @@ def bad_requests():
         ("decompression bomb", chat("what?", data_url(infer_tests.png_header_only(30000, 30000))), 400,
          "too large to decode safely"),
         ("not base64", chat("what?", "data:image/png;base64,@@@"), 400, "not valid base64"),
+        ("not base64 between line breaks", chat("what?", "data:image/png;base64,iVBO\nRw#K\n"), 400,
+         "not valid base64"),
         ("not a data URL of an image", chat("what?", "data:text/plain;base64,aGk="), 400, "data:image/png;base64"),
         ("remote URL", chat("what?", "https://example.com/a.png"), 400, "URLs are not fetched"),
         ("over-long prompt", chat("what? " * 100, pixel), 400, "over the model's context of 96"),
         ("body over the limit", chat("what?", data_url(os.urandom(300_000))), 413, "over --max-request-mb"),
         ("bad threshold", {**GOOD, "threshold": 2}, 400, "'threshold'=2 must be in [0, 1]"),
+        ("NaN temperature", json.dumps({**GOOD, "temperature": float("nan")}).encode(), 400,
+         "'temperature' must be a finite number, got nan"),
+        ("infinite factor", json.dumps({**GOOD, "factor": float("inf")}).encode(), 400,
+         "'factor' must be a finite number, got inf"),
+        ("more steps than tokens", {**GOOD, "max_tokens": 16, "threshold": 0, "steps": 10**9}, 400,
+         "'steps'=1000000000 must be in [1, 16]"),
         ("bad max_tokens", {**GOOD, "max_tokens": "many"}, 400, "'max_tokens' must be an integer"),
         ("bad cache", {**GOOD, "cache": "disk"}, 400, "'cache' must be one of"),
         ("bad block", {**GOOD, "max_tokens": 16, "block_length": 7}, 400, "not divisible by block_length=7"),
@@ -292,6 +351,20 @@ def test_the_load_test_reports_medians_and_the_median_of_each_round_s_speedup():
     alone, batched = medians(rounds)
     assert alone["speedup"] == 1 and batched["speedup"] == 4  # rounds 4x, 5x, 2.25x: not 8 / 2
     assert (batched["rps"], batched["requests"], batched["errors"]) == (8, 24, ["HTTP 500"])
+    failed = {"requests": 8, "errors": ["HTTP 400"] * 8, "rps": 0.0, "p50": float("nan"), "p99": float("nan"),
+              "mean_batch": 0.0}
+    alone, batched = medians([[failed, measured(8)]])  # nothing answered: no speedup, and no ZeroDivisionError
+    assert batched["speedup"] != batched["speedup"] and batched["rps"] == 8
+
+
+def test_the_load_test_says_when_no_server_answers_at_the_url(capsys):
+    from mmdlm.infer.loadtest import free_port
+    from mmdlm.infer.loadtest import main as loadtest
+
+    url = f"http://127.0.0.1:{free_port()}"
+    assert loadtest(["--url", url, "--clients", "4", "--requests", "8"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"--url {url}: no server answered there" in err
 
 
 def load_test_set(tmp_path) -> list[str]:
