@@ -1,7 +1,9 @@
 """LLaDA checkpoints -> DiffusionLM: one explicit table of names, and the `mmdlm-convert-llada` command.
 
 LLaDA's released checkpoints (GSAI-ML/LLaDA-8B-*) use OLMo-style names. Everything that maps them
-lives here, so a reader can check the correspondence line by line.
+lives here, so a reader can check the correspondence line by line. The folder checks both converters
+share (this one and mmdlm/llada_v.py) live here too: config.json and its model_type, the shards an
+index names, and an output folder that is new or empty, so no conversion overwrites a checkpoint.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import argparse
 import json
 import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -54,27 +57,50 @@ KEY_MAP = {
 }
 _PATTERNS = [(re.compile("^" + re.escape(src).replace(r"\{i\}", r"(\d+)") + "$"), dst) for src, dst in KEY_MAP.items()]
 
+# The sizes a LLaDA config must give: DLMConfig's defaults are a toy model's, never a LLaDA's.
+REQUIRED = ("d_model", "n_heads", "n_layers", "mlp_hidden_size", "vocab_size")
+# LLaDA options whose other values change the computation -> the one this model computes (LLaDA-8B's value).
+# An absent or null field counts as LLaDA-8B's: the fixtures' configs, like older exports, leave most out.
+SUPPORTED = {
+    "block_type": "llama", "layer_norm_type": "rms", "activation_type": "silu", "layer_norm_with_affine": True,
+    "include_bias": False, "include_qkv_bias": False, "rope": True, "alibi": False, "scale_logits": False,
+    "input_emb_norm": False, "attention_layer_norm": False, "clip_qkv": None,
+}
+# config.json's model_type -> what the folder is, for a converter handed the wrong one.
+MODEL_TYPES = {
+    "llada": "an original LLaDA checkpoint: convert it with mmdlm-convert-llada",
+    "llava_llada": "an original LLaDA-V checkpoint: convert it with mmdlm-convert-llada-v",
+    "mmdlm_lm": "an mmdlm language model folder (already converted): nothing to convert, load it as it is",
+    "mmdlm": "an mmdlm vision-language model folder (already converted): nothing to convert, load it as it is",
+}
 
-def llada_config(llada: dict) -> DLMConfig:
-    """Return the DLMConfig for a LLaDA config dict; unsupported LLaDA options raise ConfigError."""
-    unsupported = {
-        "include_bias": True,
-        "block_type": lambda v: v not in ("llama", None),
-        "layer_norm_type": lambda v: v not in ("rms", None),
-        "activation_type": lambda v: v not in ("silu", "swiglu", None),
-    }
-    for field, bad in unsupported.items():
+
+class ConversionError(ConfigError):
+    """A checkpoint folder a converter cannot turn into an mmdlm folder, or an output folder it must not write."""
+
+
+def llada_config(llada: dict, where: str = "LLaDA config") -> DLMConfig:
+    """Return the DLMConfig for a LLaDA config dict; unsupported options or missing sizes raise ConversionError."""
+    for field, supported in SUPPORTED.items():
         value = llada.get(field)
-        if (bad(value) if callable(bad) else value == bad) and value is not None:
-            raise ConfigError(f"LLaDA config {field}={value!r} is not supported by this model")
+        if value is not None and value != supported:
+            raise ConversionError(f"{where}: {field}={json.dumps(value)} is not supported (supported: "
+                                  f"{json.dumps(supported)}, LLaDA-8B's value)")
+    missing = [field for field in REQUIRED if llada.get(field) is None]
+    if missing:
+        raise ConversionError(f"{where}: no {', '.join(missing)}: not a LLaDA config (LLaDA's config.json gives "
+                              f"{', '.join(REQUIRED)})")
     kwargs = {dst: llada[src] for src, dst in CONFIG_FIELDS.items() if src in llada}
     if llada.get("embedding_size"):
         kwargs["vocab_size"] = llada["embedding_size"]
-    return DLMConfig(**kwargs)
+    try:
+        return DLMConfig(**kwargs)
+    except ConfigError as error:  # the model's own size checks, e.g. key/value heads that do not divide the heads
+        raise ConversionError(f"{where}: {error}") from error
 
 
 def llada_state_dict(state: dict[str, torch.Tensor], num_layers: int) -> dict[str, torch.Tensor]:
-    """Return `state` renamed to DiffusionLM keys; unknown or missing keys raise ConfigError listing them."""
+    """Return `state` renamed to DiffusionLM keys; unknown or missing keys raise ConversionError listing them."""
     out, unknown = {}, []
     for key, tensor in state.items():
         for pattern, dst in _PATTERNS:
@@ -87,18 +113,82 @@ def llada_state_dict(state: dict[str, torch.Tensor], num_layers: int) -> dict[st
     expected = {dst.replace("{i}", str(i)) for dst in KEY_MAP.values() for i in range(num_layers)}
     missing = sorted(expected - set(out))
     if unknown or missing:
-        raise ConfigError(
+        raise ConversionError(
             f"LLaDA checkpoint does not match the config: unexpected keys {unknown[:8]}, missing {missing[:8]}"
         )
     return out
 
 
-def _read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
+def read_config(folder: Path, model_type: str) -> dict:
+    """Return `folder`'s config.json; ConversionError when it is missing, not JSON, or another kind of folder's."""
+    path = folder / "config.json"
+    name = "LLaDA-V" if model_type == "llava_llada" else "LLaDA"
+    if not path.is_file():
+        raise ConversionError(f"{folder}: no config.json; pass the folder of a {name} checkpoint")
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as error:  # JSONDecodeError, UnicodeDecodeError
+        raise ConversionError(f"{path}: not valid JSON ({error}): the file is truncated or damaged") from error
+    kind = cfg.get("model_type") if isinstance(cfg, dict) else None
+    if kind != model_type and not (kind is None and model_type == "llada" and isinstance(cfg, dict)):
+        raise ConversionError(f"{path}: model_type={kind!r} is "
+                              f"{MODEL_TYPES.get(kind, f'not a {name} checkpoint (model_type {model_type!r})')}")
+    return cfg
+
+
+def check_destination(src: Path, dst: Path) -> None:
+    """Raise ConversionError unless `dst` is a new or empty folder other than `src`: a converter never overwrites a
+    checkpoint, nor leaves an earlier conversion's weights beside its own (from_pretrained would load those)."""
+    if dst.resolve() == src.resolve():
+        raise ConversionError(f"{dst} is the source folder: give a new output folder (the source is never overwritten)")
+    if dst.exists() and not dst.is_dir():
+        raise ConversionError(f"{dst} is a file: give a new or empty output folder")
+    if dst.is_dir() and any(dst.iterdir()):
+        held = sorted(p.name for p in dst.iterdir())
+        raise ConversionError(f"{dst} is not empty (it holds {', '.join(held[:3])}{', ...' if len(held) > 3 else ''})"
+                              ": give a new or empty output folder, or delete this one first")
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """Return the weight files: the index's shards in order, else every model*.safetensors."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, AttributeError) as error:
+            raise ConversionError(f"{index}: not a safetensors index with a weight_map ({error!r})") from error
+        missing = [n for n in names if not (folder / n).is_file()]
+        if missing:
+            raise ConversionError(f"{index} lists shards that are not in the folder: {missing[:4]}")
+        return [folder / n for n in names]
     files = sorted(folder.glob("model*.safetensors"))
     if not files:
-        raise ConfigError(f"{folder}: no model*.safetensors weights (LLaDA checkpoints ship safetensors shards)")
+        raise ConversionError(f"{folder}: no model*.safetensors weights")
+    return files
+
+
+def note_missing_tokenizer(src: Path, dst: Path, name: str) -> None:
+    """Print one stderr line: `dst` has no tokenizer, which infer.py and training need."""
+    print(f"note: no tokenizer files in {src}: copy {name}'s tokenizer.json etc. into {dst} before infer.py/training",
+          file=sys.stderr)
+
+
+def run_converter(command: Callable[[], int | None]) -> int:
+    """Return a converter's exit code: a UserError, or an OSError (a folder that cannot be read or written), is one
+    stderr line and exit code 2."""
+
+    def converting() -> int | None:
+        try:
+            return command()
+        except OSError as error:
+            raise ConversionError(str(error)) from error
+
+    return report_user_errors(converting)
+
+
+def _read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
     state: dict[str, torch.Tensor] = {}
-    for f in tqdm(files, desc="reading shards", unit="shard", file=sys.stderr, leave=False):
+    for f in tqdm(weight_files(folder), desc="reading shards", unit="shard", file=sys.stderr, leave=False):
         state.update(load_file(str(f)))
     return state
 
@@ -106,13 +196,16 @@ def _read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
 def load_llada(folder: str | Path, dtype: torch.dtype = torch.float32) -> DiffusionLM:
     """Return a DiffusionLM holding the weights of a local LLaDA checkpoint folder."""
     folder = Path(folder)
-    cfg_path = folder / "config.json"
-    if not cfg_path.is_file():
-        raise ConfigError(f"{folder}: no config.json; pass the folder of a LLaDA checkpoint")
-    config = llada_config(json.loads(cfg_path.read_text()))
+    config = llada_config(read_config(folder, "llada"), str(folder / "config.json"))
     state = llada_state_dict(_read_state_dict(folder), config.num_hidden_layers)
     with torch.device("meta"):
         model = DiffusionLM(config)
+    expected = model.state_dict()
+    wrong = [f"{k} is {list(t.shape)}, config.json calls for {list(expected[k].shape)}"
+             for k, t in state.items() if t.shape != expected[k].shape]
+    if wrong:
+        raise ConversionError(f"{folder}: {len(wrong)} weight(s) do not fit config.json (d_model, n_heads, ...): "
+                              f"{wrong[:4]}")
     model.load_state_dict(state, strict=True, assign=True)
     return model.to(dtype).eval()
 
@@ -120,23 +213,26 @@ def load_llada(folder: str | Path, dtype: torch.dtype = torch.float32) -> Diffus
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Convert a local LLaDA checkpoint folder to an mmdlm model folder.")
     parser.add_argument("src", help="LLaDA checkpoint folder (config.json + *.safetensors)")
-    parser.add_argument("dst", help="output folder (save_pretrained format)")
+    parser.add_argument("dst", help="new or empty output folder (save_pretrained format)")
     parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
     args = parser.parse_args(argv)
-    return report_user_errors(lambda: convert(args.src, args.dst, args.dtype))
+    return run_converter(lambda: convert(args.src, args.dst, args.dtype))
 
 
-def convert(src: str, dst: str, dtype: str) -> int:
+def convert(src: str | Path, dst: str | Path, dtype: str) -> int:
     """Write the mmdlm model folder `dst` converted from the LLaDA folder `src`; return 0."""
+    src, dst = Path(src), Path(dst)
+    check_destination(src, dst)
     model = load_llada(src, getattr(torch, dtype))
     model.save_pretrained(dst)
-    for tok_file in Path(src).glob("tokenizer*"):  # keep the tokenizer beside the weights
-        (Path(dst) / tok_file.name).write_bytes(tok_file.read_bytes())
-    for name in ("special_tokens_map.json",):
-        if (Path(src) / name).is_file():
-            (Path(dst) / name).write_bytes((Path(src) / name).read_bytes())
+    tokenizer_files = [f for f in src.iterdir()
+                       if f.is_file() and (f.name.startswith("tokenizer") or f.name == "special_tokens_map.json")]
+    for f in tokenizer_files:  # keep the tokenizer beside the weights
+        (dst / f.name).write_bytes(f.read_bytes())
+    if not any(f.name.startswith("tokenizer") for f in tokenizer_files):
+        note_missing_tokenizer(src, dst, "LLaDA")
     n = sum(p.numel() for p in model.parameters())
-    print(f"wrote {dst}: {n / 1e9:.2f} B parameters, {dtype}")
+    print(f"wrote {dst}: {n:,} parameters, {dtype}")
     return 0
 
 

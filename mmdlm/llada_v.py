@@ -21,7 +21,16 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from mmdlm.data.errors import DataError
+from mmdlm.config import ConfigError
+from mmdlm.files import readable
+from mmdlm.llada import (
+    ConversionError,
+    check_destination,
+    note_missing_tokenizer,
+    read_config,
+    run_converter,
+    weight_files,
+)
 
 # LLaDA-V state-dict key -> MMDLM key; `{i}` is a layer index, None = read and deliberately dropped.
 SIGLIP = "model.vision_tower.vision_tower.vision_model."
@@ -61,11 +70,8 @@ SIGLIP_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_a
 # conv_llava_llada's system turn (upstream llava/conversation.py), which LLaDA-V's prompts start with.
 SYSTEM_PROMPT = ("You are a helpful language and vision assistant. You are able to understand the visual content "
                  "that the user provides, and assist the user with a variety of tasks using natural language.")
+LM_SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 REAL_IDS = dict(mask=126336, suppress=(126081, 126080, 126346, 126347))  # MASK; EOS, BOS, <|start/end_header_id|>
-
-
-class ConversionError(ValueError):
-    """A checkpoint folder this converter cannot turn into an MMDLM; the message names the file and the entry."""
 
 
 def map_key(key: str) -> str | None:
@@ -78,7 +84,10 @@ def map_key(key: str) -> str | None:
 
 
 def _check(cfg: dict, where: str) -> None:
-    """Raise ConversionError for LLaDA-V options that the MMDLM options do not express."""
+    """Raise ConversionError for missing LM sizes and for LLaDA-V options that the MMDLM options do not express."""
+    missing = [k for k in LM_SIZES if cfg.get(k) is None]
+    if missing:
+        raise ConversionError(f"{where}: no {', '.join(missing)}: LLaDA-V's config.json gives {', '.join(LM_SIZES)}")
     wanted = {
         "hidden_act": ("silu",), "attention_bias": (False, None), "rope_scaling": (None,),
         "mm_projector_type": ("mlp2x_gelu", "linear"), "mm_patch_merge_type": ("spatial_unpad", "flat"),
@@ -106,9 +115,9 @@ def vision_config(src: Path, cfg: dict) -> dict:
 
 
 def model_config(src: Path, cfg: dict, ids: dict) -> dict:
-    """Return the MMDLMConfig fields (vision, projector, lm, ids, sampler, system prompt) for a LLaDA-V config."""
+    """Return the MMDLMConfig fields (vision, projector, lm, ids, sampler, system prompt) for a config that passed
+    `_check`."""
     where = str(src / "config.json")
-    _check(cfg, where)
     siglip = vision_config(src, cfg)
     aspect = cfg.get("image_aspect_ratio") or "square"
     anyres = int(aspect.removeprefix("anyres_max_")) if aspect.startswith("anyres_max_") else 0
@@ -146,21 +155,6 @@ def token_ids(src: Path, args: argparse.Namespace, vocab_size: int):
     image = args.image_token_id if args.image_token_id is not None else vocab_size - 1
     return dict(mask=args.mask_id if args.mask_id is not None else REAL_IDS["mask"], image=image,
                 suppress=suppress), None
-
-
-def shards(src: Path) -> list[Path]:
-    """Return the weight files: the index's shards in order, else every model*.safetensors."""
-    index = src / "model.safetensors.index.json"
-    if index.is_file():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        missing = [n for n in names if not (src / n).is_file()]
-        if missing:
-            raise ConversionError(f"{index} lists shards that are not in the folder: {missing[:4]}")
-        return [src / n for n in names]
-    files = sorted(src.glob("model*.safetensors"))
-    if not files:
-        raise ConversionError(f"{src}: no model*.safetensors weights")
-    return files
 
 
 def expected_shapes(config) -> dict[str, torch.Size]:
@@ -201,15 +195,17 @@ def convert(src: str | Path, dst: str | Path, args: argparse.Namespace) -> int:
     from mmdlm.multimodal import MMDLMConfig
 
     src, dst = Path(src), Path(dst)
-    if not (src / "config.json").is_file():
-        raise ConversionError(f"{src}: no config.json; pass the folder of a LLaDA-V checkpoint")
-    cfg = json.loads((src / "config.json").read_text())
-    if cfg.get("model_type") != "llava_llada":
-        raise ConversionError(f"{src / 'config.json'}: model_type={cfg.get('model_type')!r}, expected 'llava_llada'")
+    check_destination(src, dst)
+    cfg = read_config(src, "llava_llada")
+    _check(cfg, str(src / "config.json"))
     ids, tokenizer = token_ids(src, args, cfg["vocab_size"])
-    config = MMDLMConfig(**model_config(src, cfg, ids))
-    expected = expected_shapes(config)
-    files = shards(src)
+    fields = model_config(src, cfg, ids)
+    try:
+        config = MMDLMConfig(**fields)
+        expected = expected_shapes(config)
+    except ConfigError as error:  # the model's own size checks, e.g. key/value heads that do not divide the heads
+        raise ConversionError(f"{src / 'config.json'}: {error}") from error
+    files = weight_files(src)
     check_keys(files, expected)  # names and shapes from the headers, before any weight is read
     dtype = getattr(torch, args.dtype)
     dst.mkdir(parents=True, exist_ok=True)
@@ -225,17 +221,20 @@ def convert(src: str | Path, dst: str | Path, args: argparse.Namespace) -> int:
         del out  # one shard in memory at a time
     if len(files) > 1:
         (dst / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}, indent=1))
+    readable(dst)
     config.dtype = args.dtype
     config.save_pretrained(str(dst))
     if tokenizer is not None:
         tokenizer.save_pretrained(str(dst))
+    else:
+        note_missing_tokenizer(src, dst, "LLaDA-V")
     return total
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Convert a local LLaDA-V checkpoint folder to an mmdlm model folder.")
     p.add_argument("src", help="LLaDA-V folder: config.json, model*.safetensors (+ index), tokenizer files")
-    p.add_argument("dst", help="output model folder (what infer.py, evaluate.py and training load)")
+    p.add_argument("dst", help="new or empty output folder (what infer.py, evaluate.py and training load)")
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
     ids = p.add_argument_group("token ids, when the folder has no tokenizer files (default: LLaDA-V's)")
     ids.add_argument("--mask-id", type=int, help="<|mdm_mask|> (126336)")
@@ -247,13 +246,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
+
+    def command() -> None:
         n = convert(args.src, args.dst, args)
-    except (ConversionError, DataError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(f"wrote {args.dst}: {n:,} parameters, {args.dtype}")
-    return 0
+        print(f"wrote {args.dst}: {n:,} parameters, {args.dtype}")
+
+    return run_converter(command)
 
 
 if __name__ == "__main__":

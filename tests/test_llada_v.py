@@ -6,6 +6,9 @@ Tolerances are the fixture README's: pixel values exact, features / projector / 
 
 import hashlib
 import json
+import os
+import shutil
+import stat
 from argparse import Namespace
 
 import pytest
@@ -150,3 +153,53 @@ def test_key_table_drops_only_the_unused_post_layernorm():
 def test_real_ids_outside_a_small_vocabulary_are_a_clear_error(fixture, tmp_path, capsys):
     assert main([str(fixture), str(tmp_path / "out")]) == 2
     assert f"mask id {REAL_IDS['mask']} is outside vocab_size=300" in capsys.readouterr().err
+
+
+def error_line(argv, capsys) -> str:
+    """Return the one line main(argv) prints on stderr when it refuses (exit code 2)."""
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    return err
+
+
+def test_convert_never_writes_into_the_source_or_a_used_folder(fixture, tmp_path, capsys):
+    src = tmp_path / "llada-v"
+    shutil.copytree(fixture, src)
+    before = {f: f.read_bytes() for f in src.rglob("*") if f.is_file()}
+    assert "is the source folder" in error_line([str(src), str(tmp_path / "." / "llada-v"), *TINY_IDS], capsys)
+    assert {f: f.read_bytes() for f in src.rglob("*") if f.is_file()} == before
+    (tmp_path / "earlier").mkdir()
+    (tmp_path / "earlier" / "model.safetensors").write_bytes(b"an earlier conversion's weights")
+    err = error_line([str(src), str(tmp_path / "earlier"), *TINY_IDS], capsys)
+    assert "earlier is not empty (it holds model.safetensors): give a new or empty output folder" in err
+    assert "is a file: give a new or empty output folder" in error_line(
+        [str(src), str(src / "config.json"), *TINY_IDS], capsys)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda c: {**c, "num_key_value_heads": 3}, "num_attention_heads=4 is not divisible by num_key_value_heads=3"),
+    (lambda c: {k: v for k, v in c.items() if k != "hidden_size"}, "config.json: no hidden_size"),
+    (lambda c: json.dumps(c)[:200], "config.json: not valid JSON"),
+    (lambda c: {**c, "model_type": "llada"}, "original LLaDA checkpoint: convert it with mmdlm-convert-llada"),
+    (lambda c: {**c, "model_type": "mmdlm"}, "mmdlm vision-language model folder (already converted): nothing to"),
+])
+def test_a_bad_config_is_one_line(fixture, tmp_path, capsys, edit, message):
+    (tmp_path / "src").mkdir()
+    config = edit(json.loads((fixture / "config.json").read_text()))
+    (tmp_path / "src" / "config.json").write_text(config if isinstance(config, str) else json.dumps(config))
+    (tmp_path / "src" / "model.safetensors").symlink_to(fixture / "model.safetensors")
+    (tmp_path / "src" / "siglip-tiny").symlink_to(fixture / "siglip-tiny")
+    assert message in error_line([str(tmp_path / "src"), str(tmp_path / "out"), *TINY_IDS], capsys)
+
+
+def test_a_missing_tokenizer_is_noted(fixture, llada_v_folder, tmp_path, capsys):
+    assert main([str(fixture), str(tmp_path / "a"), "--dtype", "float32", *TINY_IDS]) == 0
+    note = f"note: no tokenizer files in {fixture}: copy LLaDA-V's tokenizer.json etc. into {tmp_path / 'a'} before"
+    assert note in capsys.readouterr().err
+    assert main([str(llada_v_folder), str(tmp_path / "b"), "--dtype", "float32"]) == 0
+    assert "no tokenizer files" not in capsys.readouterr().err
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in (tmp_path / "b").glob("*.safetensors"):  # readable as any file the umask lets be (not 0600)
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask
