@@ -7,8 +7,9 @@
     python infer/infer.py --model DIR --input qa.json --static --quantize int8   # fixed shapes, int8 weights
 
 Bad input (a missing, empty, non-image, truncated or decompression-bomb sized image, an empty
-question, a prompt longer than the model's context, a model folder without weights) ends with one
-line on stderr and exit code 2.
+question, a prompt longer than the model's context, a model folder without weights or of another
+kind of model, a device this machine lacks, a sampling flag out of range) ends with one line on
+stderr and exit code 2.
 """
 
 from __future__ import annotations
@@ -16,9 +17,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import re
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -50,6 +52,8 @@ class InferError(UserError):
 def load_image(path: str | Path, where: str = "", max_pixels: int | None = None) -> Image.Image:
     """Return the image at `path` as RGB, or InferError saying what is wrong with the file."""
     path = Path(path)
+    if path.is_dir():
+        raise InferError(f"{where}{path} is a folder: give an image file")
     if not path.is_file():
         raise InferError(f"{where}image not found: {path}")
     if path.stat().st_size == 0:
@@ -60,24 +64,56 @@ def load_image(path: str | Path, where: str = "", max_pixels: int | None = None)
 def read_image(source, name: str, max_pixels: int | None = None) -> Image.Image:
     """Return the image in `source` (a path or a file object) as RGB, or InferError naming it as `name`.
 
-    `max_pixels` refuses larger images before they are decoded (Pillow's own limit is ~179 million).
+    `max_pixels` refuses larger images before they are decoded. Pillow refuses images over twice its
+    MAX_IMAGE_PIXELS (~179 million) as it opens them, before their size can be read: those get the same
+    message, naming the smaller of the two limits.
     """
     try:
         with Image.open(source) as image:
             if max_pixels is not None and image.width * image.height > max_pixels:
-                raise InferError(f"{name} is {image.width}x{image.height} pixels, over the limit of {max_pixels}: "
-                                 "downscale it first")
+                raise over_the_limit(name, f"{image.width}x{image.height}", max_pixels)
             image.load()  # decodes now, so a truncated file fails here and not in the model
             return image.convert("RGB")
+    except InferError:
+        raise  # a ValueError too: not to be read as a corrupt file below
     except Image.DecompressionBombError as error:
-        raise InferError(f"{name} is too large to decode safely ({error}); downscale it first") from error
+        pillow_limit = 2 * Image.MAX_IMAGE_PIXELS
+        pixels = re.search(r"\((\d+) pixels\)", str(error))  # Pillow says "Image size (N pixels) exceeds ..."
+        raise over_the_limit(name, pixels[1] if pixels else f"more than {pillow_limit}",
+                             min(max_pixels or pillow_limit, pillow_limit)) from None
     except Image.UnidentifiedImageError as error:
         raise InferError(f"{name} is not an image Pillow can read (PNG, JPEG, ...)") from error
     except (OSError, ValueError, SyntaxError) as error:
         raise InferError(f"{name} is truncated or corrupt ({error})") from error
 
 
+def over_the_limit(name: str, pixels: str, limit: int) -> InferError:
+    """Return the error of an image of `pixels` ("WxH" or a count) over `limit` pixels."""
+    return InferError(f"{name} is {pixels} pixels, over the limit of {limit}: downscale it first")
+
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def check_device(device: str | torch.device) -> None:
+    """Raise InferError unless `device` names a device torch can use on this machine (cpu, cuda, cuda:1, mps)."""
+    try:
+        where = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise InferError(f"--device {device}: not a device (cpu, cuda, cuda:1, mps, ...)") from None
+    if where.type == "cuda":  # counted, not touched: serve's parent process must not take a CUDA context
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if not count:
+            raise InferError(f"--device {device}: not available, torch sees no CUDA GPU on this machine: "
+                             "use --device cpu")
+        if (where.index or 0) >= count:
+            raise InferError(f"--device {device}: not available, torch sees {count} CUDA GPU(s) here, numbered from "
+                             "cuda:0")
+        return
+    try:
+        torch.empty(0, device=where)  # every other kind (mps, xpu, ...): whether torch can use it here
+    except (RuntimeError, AssertionError) as error:  # AssertionError: "Torch not compiled with ... enabled"
+        raise InferError(f"--device {device}: not available on this machine ({str(error).splitlines()[0]})") from None
 
 
 def load_model(path: str | Path, device: str = "cpu", dtype: str | None = None, weights: bool = True):
@@ -103,7 +139,10 @@ def load_model(path: str | Path, device: str = "cpu", dtype: str | None = None, 
     from safetensors import SafetensorError
     from transformers.utils import logging as hf_logging
 
-    from mmdlm.multimodal import MMDLM
+    from mmdlm.multimodal import MMDLM, check_model_type
+
+    check_model_type(folder)  # a LLaDA-V checkpoint or an LM alone: say what it is, before its tokenizer is read
+    check_device(device)
 
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # a command line speaks in its own lines, not transformers' notices
@@ -114,8 +153,8 @@ def load_model(path: str | Path, device: str = "cpu", dtype: str | None = None, 
             with torch.device("meta"):
                 return MMDLM(MMDLM.config_class.from_pretrained(folder)).eval(), tokenizer
         model = MMDLM.from_pretrained(folder)
-    except DataError:
-        raise  # the tokenizer's own message already names the folder and the fix
+    except UserError:
+        raise  # the tokenizer's or config's own message already names the folder and the fix
     except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as error:
         raise InferError(f"{folder}: cannot load the model ({str(error).splitlines()[0]})") from error
     finally:
@@ -269,6 +308,19 @@ class Answerer:
             ids += self.chat.text_ids(piece)
         return torch.tensor([ids + [self.special.eot]])
 
+    def template_config(self, config: SamplerConfig, canvas: torch.Tensor) -> SamplerConfig:
+        """Return `config` for filling the holes of a template `canvas` [1, G]: one block, a step per hole, and
+        stop tokens never chosen in a hole.
+
+        A stop token in a hole would end the answer there, the template's text after it lost; suppressed
+        (as LLaDA-V suppresses its own ids), every hole gets a token and the template's fixed end of turn
+        ends the answer after all of its text. Early stop and the masked tail, which watch for the answer's
+        end, have nothing to do: the template gives it."""
+        stops = tuple(i for i in (config.eos_id, *config.stop_ids) if i is not None)
+        return replace(config, gen_length=canvas.shape[1], block_length=canvas.shape[1],
+                       steps=int((canvas == self.special.mask).sum()), early_stop=False, mask_tail=False,
+                       suppress_ids=tuple(dict.fromkeys((*config.suppress_ids, *stops))))
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -322,6 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def sampler_config(args: argparse.Namespace, task: str, answerer: Answerer) -> SamplerConfig:
     """Return the sampler options: the task's defaults, overridden by the flags given."""
+    check_sampling_flags(args)
     options = dict(TASK_DEFAULTS[task])
     for name in ("gen_length", "block_length", "steps", "threshold"):
         if getattr(args, name) is not None:
@@ -348,6 +401,19 @@ def sampler_config(args: argparse.Namespace, task: str, answerer: Answerer) -> S
     except ValueError as error:
         raise InferError(f"sampling options: {error}") from error
     return config
+
+
+def check_sampling_flags(args: argparse.Namespace) -> None:
+    """Raise InferError naming the first sampling flag out of its range (NaN is out of every range)."""
+    for name in ("gen_length", "block_length", "steps"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise InferError(f"--{name.replace('_', '-')} {getattr(args, name)}: give at least 1")
+    if args.threshold is not None and not 0 <= args.threshold <= 1:
+        raise InferError(f"--threshold {args.threshold}: give a confidence in (0, 1], or 0 for fixed steps")
+    if args.factor is not None and not args.factor > 0:
+        raise InferError(f"--factor {args.factor}: give a positive number")
+    if not args.temperature >= 0:
+        raise InferError(f"--temperature {args.temperature}: give 0 (the most likely token) or more")
 
 
 def requests_from(args: argparse.Namespace) -> tuple[str, list[dict]]:
@@ -391,9 +457,7 @@ def run(args: argparse.Namespace) -> int:
     canvas = None
     if args.template is not None:
         canvas = answerer.template_canvas(args.template)
-        holes = int((canvas == answerer.special.mask).sum())
-        config.gen_length = config.block_length = canvas.shape[1]
-        config.steps, config.early_stop, config.mask_tail = holes, False, False
+        config = answerer.template_config(config, canvas)
     try:
         out_file = open(args.output, "a" if args.resume else "w", encoding="utf-8") if args.output else None  # noqa: SIM115
     except OSError as error:

@@ -19,8 +19,8 @@ from pathlib import Path
 from mmdlm.data.synthetic import CAPTION_PROMPT
 from mmdlm.errors import UserError, report_user_errors
 from mmdlm.infer.batching import Batcher
-from mmdlm.infer.chat_request import CACHES, request_config
-from mmdlm.infer.infer import Answerer, load_model
+from mmdlm.infer.chat_request import CACHES, ImageRules, request_config
+from mmdlm.infer.infer import Answerer, load_model, read_image
 from mmdlm.infer.steps_viz import order_text, save_steps
 
 
@@ -30,7 +30,6 @@ def answer(answerer: Answerer, batcher: Batcher, image, question: str, options: 
         raise UserError("upload or drop an image first")
     if not question.strip():
         raise UserError("type a question, or press Caption")
-    image = image.convert("RGB")
     config = request_config(options, answerer, options["max_tokens"])
     # The image goes where the model's training data put it (its config's image_position).
     prompt = answerer.prompt_ids([{"from": "user", "value": question.strip()}], [image])
@@ -44,23 +43,46 @@ def answer(answerer: Answerer, batcher: Batcher, image, question: str, options: 
     return result.text, stats, str(gif), order_text(result.pieces, result.commit_step)
 
 
-def build_demo(answerer: Answerer, batcher: Batcher, frames: Path, max_tokens: int = 64):
+def uploaded_image(upload: dict | None, max_pixels: int):
+    """Return the visitor's upload (Gradio's file payload: its path on the server, its name) decoded as RGB, None
+    when there is none; UserError in one line for a file that is not an image, is truncated or is too large."""
+    if not upload or not upload.get("path"):
+        return None
+    return read_image(upload["path"], f"the uploaded file {upload.get('orig_name') or ''}".rstrip(), max_pixels)
+
+
+def responder(answerer: Answerer, batcher: Batcher, frames: Path, max_pixels: int = ImageRules.max_pixels):
+    """Return the page's event handler: (upload payload, question, threshold, cache, canvas) -> answer outputs.
+
+    Its events run with preprocess=False: gr.Image would decode the upload with Pillow before the handler
+    runs, and a file that is not an image (or a truncated or huge one) would fail there with Gradio's generic
+    error. Here it is decoded by infer.py's read_image, within `max_pixels`, and a bad file is one line."""
+    import gradio as gr
+
+    def respond(upload, question, threshold, cache, max_tokens):
+        try:
+            image = uploaded_image(upload, max_pixels)
+            options = {"threshold": threshold, "cache": cache, "max_tokens": int(max_tokens)}
+            return answer(answerer, batcher, image, question or "", options, frames)
+        except UserError as error:
+            raise gr.Error(str(error), print_exception=False) from error  # the visitor's mistake: no log traceback
+
+    return respond
+
+
+def build_demo(answerer: Answerer, batcher: Batcher, frames: Path, max_tokens: int = 64,
+               max_pixels: int = ImageRules.max_pixels):
     """Return the Gradio Blocks of the page."""
     import gradio as gr
 
-    def respond(image, question, threshold, cache, max_tokens):
-        options = {"threshold": threshold, "cache": cache, "max_tokens": int(max_tokens)}
-        try:
-            return answer(answerer, batcher, image, question or "", options, frames)
-        except UserError as error:
-            raise gr.Error(str(error)) from error
+    respond = responder(answerer, batcher, frames, max_pixels)
 
     with gr.Blocks(title="mmdlm") as demo:
         gr.Markdown("## mmdlm: a masked-diffusion vision-language model\nDrop an image, then ask about it or "
                     "ask for a caption. Every answer is a canvas of masks that the model unmasks in parallel.")
         with gr.Row():
             with gr.Column():
-                image = gr.Image(type="pil", label="Image", elem_id="image", sources=["upload", "clipboard"])
+                image = gr.Image(type="filepath", label="Image", elem_id="image", sources=["upload", "clipboard"])
                 question = gr.Textbox(label="Question", elem_id="question", placeholder="What colour is the circle?")
                 with gr.Row():
                     ask = gr.Button("Ask", variant="primary", elem_id="ask")
@@ -78,9 +100,9 @@ def build_demo(answerer: Answerer, batcher: Batcher, frames: Path, max_tokens: i
                 order = gr.Textbox(label="Tokens committed by each forward", lines=8, elem_id="order")
         knobs = [threshold, cache, canvas]
         outputs = [text, stats, steps, order]
-        ask.click(respond, [image, question, *knobs], outputs)
-        question.submit(respond, [image, question, *knobs], outputs)
-        caption.click(lambda im, *k: respond(im, CAPTION_PROMPT, *k), [image, *knobs], outputs)
+        ask.click(respond, [image, question, *knobs], outputs, preprocess=False)
+        question.submit(respond, [image, question, *knobs], outputs, preprocess=False)
+        caption.click(lambda im, *k: respond(im, CAPTION_PROMPT, *k), [image, *knobs], outputs, preprocess=False)
     return demo
 
 
@@ -92,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch-size", type=int, default=8, help="visitors' requests decoded together at most")
     p.add_argument("--max-tokens", type=int, default=64, help="the answer canvas the page starts with")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--max-image-pixels", type=int, default=ImageRules.max_pixels,
+                   help="refuse larger uploads before decoding them")
     return p
 
 
@@ -104,7 +128,8 @@ def launch(args: argparse.Namespace, block: bool = True):
     answerer = Answerer(*load_model(args.model, device))
     batcher = Batcher(answerer, args.max_batch_size).start()
     frames = Path(tempfile.mkdtemp(prefix="mmdlm-web-"))
-    demo = build_demo(answerer, batcher, frames, args.max_tokens)
+    max_pixels = getattr(args, "max_image_pixels", ImageRules.max_pixels)  # scripts/web_screenshot.py's args lack it
+    demo = build_demo(answerer, batcher, frames, args.max_tokens, max_pixels)
     demo.queue(default_concurrency_limit=args.max_batch_size)
     _, url, _ = demo.launch(server_name=args.host, server_port=args.port, prevent_thread_lock=not block,
                             allowed_paths=[str(frames)], quiet=not block)

@@ -12,8 +12,9 @@ from PIL import Image
 
 from mmdlm.data.tokenizer import special_ids, train_demo_tokenizer
 from mmdlm.encoders.tower import VisionConfig, VisionTower
+from mmdlm.infer import infer
 from mmdlm.infer.evaluate import main as evaluate_main
-from mmdlm.infer.infer import TASK_DEFAULTS, Answerer, InferError, load_image, load_model, main
+from mmdlm.infer.infer import TASK_DEFAULTS, Answerer, InferError, load_image, load_model, main, read_image
 from mmdlm.infer.steps_viz import canvases, order_text, save_steps
 from mmdlm.multimodal import build_model
 from mmdlm.sampling import SamplerConfig
@@ -89,16 +90,29 @@ def one_error_line(capsys) -> str:
         (b"", "image file is empty"),
         (b"not an image at all", "is not an image Pillow can read"),
         (truncated_png(), "truncated or corrupt"),
-        (png_header_only(20000, 20000), "too large to decode safely"),
+        # over Pillow's own limit, which refuses it before its size is read: the same words as --max-image-pixels
+        (png_header_only(20000, 20000), f"is 400000000 pixels, over the limit of {2 * Image.MAX_IMAGE_PIXELS}: "
+                                        "downscale it first"),
+        ("folder", "a.png is a folder: give an image file"),
     ],
 )
 def test_bad_images_are_one_clear_line(tmp_path, capsys, content, message):
     image = tmp_path / "a.png"
-    if content is not None:
+    if content == "folder":
+        image.mkdir()
+    elif content is not None:
         image.write_bytes(content)
     assert main(["--model", str(tmp_path), "--image", str(image), "--question", "What is it?"]) == 2
     line = one_error_line(capsys)
     assert message in line and "a.png" in line
+
+
+@pytest.mark.parametrize("width, pixels", [(9000, "9000x9000"), (20000, "400000000")])
+def test_an_image_over_the_pixel_limit_says_only_that(width, pixels):
+    """Not "truncated or corrupt (... over the limit)", and Pillow's bomb error in the caller's limit's words."""
+    with pytest.raises(InferError) as error:
+        read_image(io.BytesIO(png_header_only(width, width)), "image 1", max_pixels=4096 * 4096)
+    assert str(error.value) == f"image 1 is {pixels} pixels, over the limit of 16777216: downscale it first"
 
 
 def test_empty_question_and_model_without_weights(tmp_path, capsys):
@@ -110,6 +124,9 @@ def test_empty_question_and_model_without_weights(tmp_path, capsys):
     assert main(["--model", str(tmp_path), "--image", str(image), "--question", "What?"]) == 2
     assert "holds no weights" in one_error_line(capsys)
     (tmp_path / "model.safetensors").write_bytes(b"")
+    assert main(["--model", str(tmp_path), "--image", str(image), "--question", "What?"]) == 2
+    assert "model_type None is not an mmdlm model folder" in one_error_line(capsys)
+    (tmp_path / "config.json").write_text('{"model_type": "mmdlm"}')
     assert main(["--model", str(tmp_path), "--image", str(image), "--question", "What?"]) == 2
     assert "no tokenizer.json" in one_error_line(capsys)
     assert main(["--model", str(tmp_path / "nowhere"), "--image", str(image), "--caption"]) == 2
@@ -349,6 +366,65 @@ def test_template_keeps_its_text_and_fills_its_holes(model_dir, images):
     assert fixed == [answerer.tokenizer.decode([t]) for t, h in zip(canvas[0].tolist(), holes) if not h]
     assert [s > 0 for s in answer.commit_step] == holes and answer.forward_passes <= 2
     assert "<|mdm_mask|>" not in "".join(answer.pieces)  # threshold decoding never commits the mask itself
+
+
+def test_a_template_keeps_its_text_when_the_model_would_end_the_answer_in_a_hole(model_dir, images, capsys,
+                                                                                 monkeypatch):
+    """A stop token committed into a hole cut the answer there ("It is <mask>." printed "It is")."""
+
+    def ends_everywhere(*args, **kwargs):
+        model, tokenizer = load_model(*args, **kwargs)
+        bias = torch.zeros(len(tokenizer))
+        bias[special_ids(tokenizer).eot] = 100.0  # end of turn, the model's choice at every position
+        model.lm.register_forward_hook(lambda module, inputs, logits: logits + bias)
+        return model, tokenizer
+
+    monkeypatch.setattr(infer, "load_model", ends_everywhere)
+    assert main(["--model", str(model_dir), "--image", str(images / "0.png"), "--question", "what colour?",
+                 "--template", "the circle is <mask> on the left"]) == 0
+    text = capsys.readouterr().out.strip()
+    assert text.startswith("the circle is") and text.endswith("on the left")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--threshold", "-0.5"], "--threshold -0.5: give a confidence in (0, 1], or 0 for fixed steps"),
+    (["--threshold", "nan"], "--threshold nan: give a confidence in (0, 1], or 0 for fixed steps"),
+    (["--temperature", "-1"], "--temperature -1.0: give 0 (the most likely token) or more"),
+    (["--steps", "0", "--threshold", "0"], "--steps 0: give at least 1"),
+    (["--gen-length", "0"], "--gen-length 0: give at least 1"),
+    (["--factor", "0"], "--factor 0.0: give a positive number"),
+])
+def test_sampling_flags_out_of_range_are_one_short_line(model_dir, images, capsys, flags, message):
+    assert main(["--model", str(model_dir), "--image", str(images / "0.png"), "--question", "hi", *flags]) == 2
+    assert one_error_line(capsys) == f"error: {message}"
+
+
+def test_a_device_that_is_missing_or_not_a_device_is_one_line(model_dir, images, capsys, monkeypatch):
+    ask = ["--model", str(model_dir), "--image", str(images / "0.png"), "--question", "hi"]
+    assert main([*ask, "--device", "nonsense"]) == 2
+    assert one_error_line(capsys) == "error: --device nonsense: not a device (cpu, cuda, cuda:1, mps, ...)"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a machine without a GPU, on any machine
+    assert main([*ask, "--device", "cuda"]) == 2
+    assert one_error_line(capsys) == ("error: --device cuda: not available, torch sees no CUDA GPU on this machine: "
+                                      "use --device cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # and one with a single GPU
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert main([*ask, "--device", "cuda:1"]) == 2
+    assert one_error_line(capsys) == "error: --device cuda:1: not available, torch sees 1 CUDA GPU(s) here, numbered " \
+                                     "from cuda:0"
+
+
+@pytest.mark.parametrize("model_type, what", [
+    ("llava_llada", "an original LLaDA-V checkpoint: convert it with mmdlm-convert-llada-v first"),
+    ("mmdlm_lm", "a language model alone: sample it with mmdlm.sampling.generate"),  # mmdlm-convert-llada's output
+])
+def test_a_folder_of_another_model_says_what_it_is(tmp_path, images, capsys, model_type, what):
+    """Checked before the tokenizer and the weights are read: not "cannot load the model (state_dict ...)"."""
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": model_type}))
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    assert main(["--model", str(tmp_path), "--image", str(images / "0.png"), "--caption"]) == 2
+    line = one_error_line(capsys)
+    assert line.startswith(f"error: {tmp_path}: model_type '{model_type}' is {what}"), line
 
 
 def test_corrupt_weights_are_one_line(model_dir, images, tmp_path, capsys):

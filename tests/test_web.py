@@ -9,13 +9,13 @@ import pytest
 import test_infer as infer_tests
 from PIL import Image
 
-pytest.importorskip("gradio", reason="the serve extra: pip install -e '.[serve]'")
-playwright = pytest.importorskip("playwright.sync_api", reason="the dev extra: pip install -e '.[dev]'")
+gr = pytest.importorskip("gradio", reason="the serve extra: pip install -e '.[serve]'")
 
+from mmdlm.infer.batching import Batcher  # noqa: E402
 from mmdlm.infer.chat_request import request_config  # noqa: E402
 from mmdlm.infer.infer import Answerer, load_model  # noqa: E402
 from mmdlm.infer.loadtest import free_port  # noqa: E402
-from mmdlm.infer.web import launch  # noqa: E402
+from mmdlm.infer.web import launch, responder  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +29,37 @@ def chromium() -> str:
     return path
 
 
+def test_a_bad_upload_is_one_line_for_the_visitor(tmp_path):
+    """The page's handler gets the upload undecoded (preprocess=False) and decodes it itself: a file that is
+    not an image, a truncated one or a huge one is the visitor's one line, not Gradio's generic error."""
+    folder = infer_tests.saved_model(tmp_path / "model", "bidirectional")
+    answerer = Answerer(*load_model(folder))
+    batcher = Batcher(answerer, 2).start()
+    respond = responder(answerer, batcher, tmp_path, max_pixels=1 << 20)
+    try:
+        for content, message in [(b"%PDF-1.4 not an image", "the uploaded file a.png is not an image Pillow can read"),
+                                 (infer_tests.truncated_png(), "the uploaded file a.png is truncated or corrupt"),
+                                 (infer_tests.png_header_only(9000, 9000), "the uploaded file a.png is 9000x9000 "
+                                  "pixels, over the limit of 1048576: downscale it first")]:
+            (tmp_path / "upload.png").write_bytes(content)
+            with pytest.raises(gr.Error) as error:
+                respond({"path": str(tmp_path / "upload.png"), "orig_name": "a.png"}, "what?", 0.9, "auto", 32)
+            assert error.value.message.startswith(message), error.value.message
+            assert not error.value.print_exception  # the visitor's mistake leaves no traceback in the log
+        with pytest.raises(gr.Error, match="upload or drop an image first"):
+            respond(None, "what?", 0.9, "auto", 32)
+        Image.effect_noise((48, 40), 50).convert("RGB").save(tmp_path / "scene.png")
+        text, stats, gif, _ = respond({"path": str(tmp_path / "scene.png")}, "what?", 0.9, "auto", 32)
+        config = request_config({"threshold": 0.9, "cache": "auto", "max_tokens": 32}, answerer, 32)
+        expected = answerer.answer([[{"from": "user", "value": "what?"}]],
+                                   [[Image.open(tmp_path / "scene.png").convert("RGB")]], config)[0]
+        assert text == expected.text and "forward(s)" in stats and gif.endswith(".gif")
+    finally:
+        batcher.close()
+
+
 def test_the_page_answers_an_uploaded_image(tmp_path, chromium):
+    playwright = pytest.importorskip("playwright.sync_api", reason="the dev extra: pip install -e '.[dev]'")
     folder = infer_tests.saved_model(tmp_path / "model", "bidirectional")
     image_path = tmp_path / "scene.png"
     Image.effect_noise((48, 40), 50).convert("RGB").save(image_path)
@@ -40,7 +70,7 @@ def test_the_page_answers_an_uploaded_image(tmp_path, chromium):
                                [[Image.open(image_path).convert("RGB")]], config)[0]
 
     args = argparse.Namespace(model=str(folder), host="127.0.0.1", port=free_port(), max_batch_size=4, device="cpu",
-                              max_tokens=32)  # the tiny model's context is 96
+                              max_tokens=32, max_image_pixels=1 << 20)  # the tiny model's context is 96
     demo, batcher, url = launch(args, block=False)
     try:
         with playwright.sync_playwright() as p:
