@@ -326,7 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="model folder written by training (weights, config, tokenizer)")
     what = p.add_mutually_exclusive_group(required=True)
-    what.add_argument("--question", help="a question about --image")
+    what.add_argument("--question", help="a question about --image (without --image: a text-only question)")
     what.add_argument("--caption", action="store_true", help="describe --image")
     what.add_argument("--input", help="LLaVA JSON file: answer the last human turn of every entry")
     p.add_argument("--image", help="image file for --question / --caption")
@@ -419,14 +419,15 @@ def check_sampling_flags(args: argparse.Namespace) -> None:
 def requests_from(args: argparse.Namespace) -> tuple[str, list[dict]]:
     """Return (task, requests): each {"id", "images": [path or image], "turns": LLaVA turns up to the question}."""
     if args.input is None:
-        if args.image is None:
-            raise InferError("--image is required with --question / --caption")
+        if args.image is None and args.caption:
+            raise InferError("--image is required with --caption")
         if args.question is not None and not args.question.strip():
             raise InferError("--question is empty: ask something about the image, or use --caption")
         text = CAPTION_PROMPT if args.caption else args.question
         turns = [{"from": "human", "value": text.strip()}]  # the image goes where the model's config says
-        image = load_image(args.image)  # before the model loads: a bad file fails fast
-        return ("caption" if args.caption else "vqa"), [{"id": "0", "images": [image], "turns": turns}]
+        # Loaded before the model: a bad file fails fast. No --image: a text-only question, as --input allows.
+        images = [load_image(args.image)] if args.image is not None else []
+        return ("caption" if args.caption else "vqa"), [{"id": "0", "images": images, "turns": turns}]
     task = "caption" if "caption" in Path(args.input).name else "vqa"
     return task, llava_requests(args.input, args.image_folder)
 

@@ -549,3 +549,15 @@ def test_an_input_file_with_a_repeated_id_is_refused_before_the_model_loads(tmp_
     assert capsys.readouterr().err == ("error: qa.json entry id=a: id 'a' is also entry #0's: answers are matched "
                                        "to questions by id (evaluate.py, infer.py --resume), so each entry needs its "
                                        "own\n")
+
+
+def test_a_question_without_an_image_is_a_text_only_request(model_dir, capsys):
+    """As a text-only entry of --input: no image run in the prompt; --caption still needs its image."""
+    answerer = Answerer(*load_model(model_dir))
+    s = answerer.special
+    config = SamplerConfig(**TASK_DEFAULTS["vqa"], early_stop=True, eos_id=s.eos, stop_ids=(s.eot,))
+    expected = answerer.answer([[{"from": "human", "value": "how many squares"}]], [[]], config)[0].text
+    assert main(["--model", str(model_dir), "--question", "how many squares"]) == 0
+    assert capsys.readouterr().out == expected + "\n"
+    assert main(["--model", str(model_dir), "--caption"]) == 2
+    assert capsys.readouterr().err == "error: --image is required with --caption\n"
