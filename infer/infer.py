@@ -455,6 +455,10 @@ def run(args: argparse.Namespace) -> int:
     answerer = Answerer(model, tokenizer)
     answerer.pad_to = args.pad_to
     config = sampler_config(args, task, answerer)
+    if args.cache == "prefix" and not answerer.prefix_dlm:
+        print("note: --cache prefix answers with prefix-DLM attention (the prompt does not see the answer), which "
+              "this model was not trained with (prefix_dlm false): answers may differ from --cache none",
+              file=sys.stderr)
     canvas = None
     if args.template is not None:
         canvas = answerer.template_canvas(args.template)

@@ -561,3 +561,13 @@ def test_a_question_without_an_image_is_a_text_only_request(model_dir, capsys):
     assert capsys.readouterr().out == expected + "\n"
     assert main(["--model", str(model_dir), "--caption"]) == 2
     assert capsys.readouterr().err == "error: --image is required with --caption\n"
+
+
+def test_cache_prefix_notes_attention_the_model_was_not_trained_with(model_dir, tmp_path, capsys):
+    base = ["--question", "how many squares", "--gen-length", "4"]
+    assert main(["--model", str(model_dir), *base, "--cache", "prefix"]) == 0
+    assert "note: --cache prefix answers with prefix-DLM attention" in capsys.readouterr().err
+    trained = saved_model(tmp_path, "bidirectional", prefix_dlm=True)  # its default: no note
+    for model, cache in ((model_dir, "none"), (trained, "prefix")):
+        assert main(["--model", str(model), *base, "--cache", cache]) == 0
+        assert "note:" not in capsys.readouterr().err
